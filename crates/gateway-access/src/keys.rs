@@ -1,0 +1,237 @@
+use crate::config::ProjectConfig;
+use gateway_core::config::ConfigError;
+use gateway_core::{GatewayError, Principal};
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use subtle::ConstantTimeEq;
+
+/// Hex SHA-256 of a secret key, as written in `[[projects]].api_keys[].sha256`.
+pub fn hash_key(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// A key digest whose equality is constant-time, so even the hash-map probe that finds a key
+/// compares digests without an early exit.
+#[derive(Clone, Copy)]
+struct KeyDigest([u8; 32]);
+
+impl PartialEq for KeyDigest {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+impl Eq for KeyDigest {}
+
+impl Hash for KeyDigest {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+/// Every project key, by digest. Built once per config version.
+#[derive(Debug, Default)]
+pub struct KeyStore {
+    by_digest: HashMap<KeyDigestDebug, Principal>,
+    projects: usize,
+}
+
+/// `KeyDigest` with a `Debug` that never prints the digest.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct KeyDigestDebug(KeyDigest);
+
+impl std::fmt::Debug for KeyDigestDebug {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyDigest(..)")
+    }
+}
+
+impl KeyStore {
+    /// Builds the store, reporting every invalid or duplicated key with its config path.
+    pub fn build(projects: &[ProjectConfig]) -> Result<Self, Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        let mut by_digest = HashMap::new();
+        let mut names = HashSet::new();
+        for (index, project) in projects.iter().enumerate() {
+            let path = format!("projects[{index}]");
+            if project.name.is_empty() {
+                errors.push(ConfigError::new(format!("{path}.name"), "must not be empty"));
+            }
+            if !names.insert(project.name.as_str()) {
+                errors.push(ConfigError::new(
+                    format!("{path}.name"),
+                    format!("duplicate project name `{}`", project.name),
+                ));
+            }
+            let allowed_models = project
+                .models
+                .as_ref()
+                .map(|models| Arc::new(models.iter().cloned().collect::<HashSet<_>>()));
+            let tags = Arc::new(project.tags.clone());
+            let project_name: Arc<str> = project.name.as_str().into();
+            let mut key_ids = HashSet::new();
+            for (key_index, key) in project.api_keys.iter().enumerate() {
+                let key_path = format!("{path}.api_keys[{key_index}]");
+                if !key_ids.insert(key.id.as_str()) {
+                    errors.push(ConfigError::new(
+                        format!("{key_path}.id"),
+                        format!("duplicate key id `{}` in project `{}`", key.id, project.name),
+                    ));
+                }
+                let mut digest = [0u8; 32];
+                if hex::decode_to_slice(key.sha256.trim(), &mut digest).is_err() {
+                    errors.push(ConfigError::new(
+                        format!("{key_path}.sha256"),
+                        "must be 64 hex characters (the output of `gateway keys hash KEY`)",
+                    ));
+                    continue;
+                }
+                let principal = Principal {
+                    project: project_name.clone(),
+                    key_id: key.id.as_str().into(),
+                    allowed_models: allowed_models.clone(),
+                    tags: tags.clone(),
+                };
+                if by_digest
+                    .insert(KeyDigestDebug(KeyDigest(digest)), principal)
+                    .is_some()
+                {
+                    errors.push(ConfigError::new(
+                        format!("{key_path}.sha256"),
+                        "the same key is configured twice",
+                    ));
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(Self {
+                by_digest,
+                projects: projects.len(),
+            })
+        } else {
+            Err(errors)
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_digest.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_digest.is_empty()
+    }
+
+    pub fn project_count(&self) -> usize {
+        self.projects
+    }
+
+    /// Finds the caller of a request from its `Authorization: Bearer KEY` header.
+    pub fn authenticate(&self, headers: &http::HeaderMap) -> Result<Principal, GatewayError> {
+        let secret = bearer_token(headers)?;
+        let digest = KeyDigest(Sha256::digest(secret).into());
+        self.by_digest
+            .get(&KeyDigestDebug(digest))
+            .cloned()
+            .ok_or(GatewayError::Unauthorized {
+                message: "Incorrect API key provided.",
+            })
+    }
+}
+
+fn bearer_token(headers: &http::HeaderMap) -> Result<&[u8], GatewayError> {
+    let value = headers
+        .get(http::header::AUTHORIZATION)
+        .ok_or(GatewayError::Unauthorized {
+            message: "You didn't provide an API key. Send it as `Authorization: Bearer KEY`.",
+        })?
+        .as_bytes();
+    let scheme_len = b"bearer ".len();
+    let token = (value.len() > scheme_len && value[..scheme_len].eq_ignore_ascii_case(b"bearer "))
+        .then(|| value[scheme_len..].trim_ascii())
+        .filter(|token| !token.is_empty())
+        .ok_or(GatewayError::Unauthorized {
+            message: "Malformed Authorization header. Send it as `Authorization: Bearer KEY`.",
+        })?;
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ApiKeyConfig;
+    use std::collections::BTreeMap;
+
+    fn project(name: &str, keys: &[(&str, &str)], models: Option<&[&str]>) -> ProjectConfig {
+        ProjectConfig {
+            name: name.into(),
+            api_keys: keys
+                .iter()
+                .map(|(id, secret)| ApiKeyConfig {
+                    id: (*id).into(),
+                    sha256: hash_key(secret),
+                })
+                .collect(),
+            models: models.map(|m| m.iter().map(|s| (*s).to_string()).collect()),
+            tags: BTreeMap::from([("team".into(), "platform".into())]),
+        }
+    }
+
+    fn headers(value: &str) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(http::header::AUTHORIZATION, value.parse().unwrap());
+        headers
+    }
+
+    #[test]
+    fn hash_matches_known_vector() {
+        assert_eq!(
+            hash_key("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn finds_the_right_project_and_key() {
+        let store = KeyStore::build(&[
+            project("a", &[("a1", "sk-a1"), ("a2", "sk-a2")], None),
+            project("b", &[("b1", "sk-b1")], Some(&["chat"])),
+        ])
+        .unwrap();
+        let principal = store.authenticate(&headers("Bearer sk-a2")).unwrap();
+        assert_eq!(&*principal.project, "a");
+        assert_eq!(&*principal.key_id, "a2");
+        assert!(principal.may_use("anything"));
+        let principal = store.authenticate(&headers("bearer  sk-b1 ")).unwrap();
+        assert_eq!(&*principal.project, "b");
+        assert!(!principal.may_use("other"));
+        assert_eq!(principal.tags.get("team").map(String::as_str), Some("platform"));
+    }
+
+    #[test]
+    fn rejects_wrong_missing_and_malformed_keys() {
+        let store = KeyStore::build(&[project("a", &[("a1", "sk-a1")], None)]).unwrap();
+        for value in ["Bearer sk-wrong", "Bearer ", "Basic sk-a1", "sk-a1", "Bearer"] {
+            let err = store.authenticate(&headers(value)).unwrap_err();
+            assert_eq!(err.status(), http::StatusCode::UNAUTHORIZED, "{value}");
+        }
+        let err = store.authenticate(&http::HeaderMap::new()).unwrap_err();
+        assert_eq!(err.status(), http::StatusCode::UNAUTHORIZED);
+    }
+
+    #[test]
+    fn reports_every_config_error_with_its_path() {
+        let mut bad = project("a", &[("k", "s1"), ("k", "s2")], None);
+        bad.api_keys.push(ApiKeyConfig {
+            id: "short".into(),
+            sha256: "abcd".into(),
+        });
+        let errors = KeyStore::build(&[bad, project("a", &[("z", "s1")], None)]).unwrap_err();
+        let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert!(paths.contains(&"projects[0].api_keys[1].id"), "{paths:?}");
+        assert!(paths.contains(&"projects[0].api_keys[2].sha256"), "{paths:?}");
+        assert!(paths.contains(&"projects[1].name"), "{paths:?}");
+        assert!(paths.contains(&"projects[1].api_keys[0].sha256"), "{paths:?}");
+    }
+}

@@ -1,0 +1,1 @@
+//! Business layer: the usage record of every request, written to SQLite or Postgres.

@@ -1,0 +1,330 @@
+//! The OpenAI wire model: what clients send and what the gateway answers.
+//!
+//! Fields the gateway acts on are typed (so a wrong type is a 400 naming the field); every other
+//! field is kept in `extra` and forwarded unchanged, so new vendor parameters work without a
+//! gateway release.
+
+use crate::error::GatewayError;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ChatCompletionRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_completion_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Stop>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl ChatCompletionRequest {
+    /// Parses and validates a request body. Errors name the offending field, as OpenAI does.
+    pub fn from_json(body: &[u8]) -> Result<Self, GatewayError> {
+        let mut deserializer = serde_json::Deserializer::from_slice(body);
+        let request: Self = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+            let path = err.path().to_string();
+            let inner = err.into_inner();
+            let (message, param) = if inner.is_syntax() || inner.is_eof() || path == "." {
+                (
+                    format!("We could not parse the JSON body of your request: {inner}"),
+                    None,
+                )
+            } else {
+                (
+                    format!("Invalid value for '{path}': {inner}"),
+                    Some(path),
+                )
+            };
+            GatewayError::invalid_request(message, param)
+        })?;
+        deserializer
+            .end()
+            .map_err(|err| GatewayError::invalid_request(format!("We could not parse the JSON body of your request: {err}"), None))?;
+        request.validate()?;
+        Ok(request)
+    }
+
+    fn validate(&self) -> Result<(), GatewayError> {
+        if self.model.is_empty() {
+            return Err(GatewayError::invalid_request(
+                "'model' must not be empty.",
+                Some("model".into()),
+            ));
+        }
+        if self.messages.is_empty() {
+            return Err(GatewayError::invalid_request(
+                "'messages' must contain at least one message.",
+                Some("messages".into()),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn is_stream(&self) -> bool {
+        self.stream.unwrap_or(false)
+    }
+
+    /// Whether the client itself asked for the final usage chunk of a stream.
+    pub fn client_wants_stream_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|options| options.include_usage)
+            .unwrap_or(false)
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct StreamOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_usage: Option<bool>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    Developer,
+    User,
+    Assistant,
+    Tool,
+    Function,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<MessageContent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+impl MessageContent {
+    /// The text of the message, parts joined; images and other parts are skipped.
+    pub fn text(&self) -> String {
+        match self {
+            Self::Text(text) => text.clone(),
+            Self::Parts(parts) => parts
+                .iter()
+                .filter_map(|part| part.text.as_deref())
+                .collect::<Vec<_>>()
+                .join(" "),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ContentPart {
+    pub r#type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// Token usage as OpenAI reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub total_tokens: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_tokens_details: Option<CompletionTokensDetails>,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: None,
+            completion_tokens_details: None,
+        }
+    }
+
+    pub fn cached_tokens(&self) -> u64 {
+        self.prompt_tokens_details
+            .and_then(|details| details.cached_tokens)
+            .unwrap_or(0)
+    }
+
+    pub fn reasoning_tokens(&self) -> u64 {
+        self.completion_tokens_details
+            .and_then(|details| details.reasoning_tokens)
+            .unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct PromptTokensDetails {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_tokens: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct CompletionTokensDetails {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_tokens: Option<u64>,
+}
+
+/// The few fields of a completion (or of one stream chunk) the gateway reads; everything else
+/// in the vendor's body is skipped without being materialised.
+#[derive(Debug, Default, Deserialize)]
+pub struct CompletionSummary {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub usage: Option<Usage>,
+    #[serde(default)]
+    pub choices: Option<Vec<serde::de::IgnoredAny>>,
+}
+
+impl CompletionSummary {
+    pub fn parse(body: &[u8]) -> Option<Self> {
+        serde_json::from_slice(body).ok()
+    }
+
+    /// The usage-only chunk OpenAI sends last when `stream_options.include_usage` is set.
+    pub fn is_usage_only_chunk(&self) -> bool {
+        self.usage.is_some() && self.choices.as_ref().is_some_and(Vec::is_empty)
+    }
+}
+
+/// `GET /v1/models` answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ModelList {
+    pub object: String,
+    pub data: Vec<ModelEntry>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ModelEntry {
+    pub id: String,
+    pub object: String,
+    pub created: i64,
+    pub owned_by: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_survive_a_round_trip() {
+        let body = br#"{"model":"chat","messages":[{"role":"user","content":"hi","x_custom":1}],
+            "provider":{"order":["a"]},"seed":7}"#;
+        let request = ChatCompletionRequest::from_json(body).unwrap();
+        let out = serde_json::to_value(&request).unwrap();
+        assert_eq!(out["provider"]["order"][0], "a");
+        assert_eq!(out["seed"], 7);
+        assert_eq!(out["messages"][0]["x_custom"], 1);
+        assert!(out.get("stream").is_none());
+    }
+
+    #[test]
+    fn wrong_type_names_the_field() {
+        let err = ChatCompletionRequest::from_json(br#"{"model":"chat","messages":"hi"}"#)
+            .unwrap_err();
+        match err {
+            GatewayError::InvalidRequest { param, message } => {
+                assert_eq!(param.as_deref(), Some("messages"), "{message}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let err = ChatCompletionRequest::from_json(
+            br#"{"model":"chat","messages":[{"role":"wizard","content":"x"}]}"#,
+        )
+        .unwrap_err();
+        match err {
+            GatewayError::InvalidRequest { param, .. } => {
+                assert_eq!(param.as_deref(), Some("messages[0].role"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let err = ChatCompletionRequest::from_json(
+            br#"{"model":"chat","messages":[{"role":"user","content":"x"}],"max_tokens":"ten"}"#,
+        )
+        .unwrap_err();
+        assert!(matches!(err, GatewayError::InvalidRequest { param: Some(ref p), .. } if p == "max_tokens"));
+    }
+
+    #[test]
+    fn missing_and_malformed() {
+        let err = ChatCompletionRequest::from_json(br#"{"messages":[]}"#).unwrap_err();
+        assert!(err.to_string().contains("model"), "{err}");
+        let err = ChatCompletionRequest::from_json(b"{not json").unwrap_err();
+        assert!(matches!(err, GatewayError::InvalidRequest { param: None, .. }));
+        let err =
+            ChatCompletionRequest::from_json(br#"{"model":"chat","messages":[]}"#).unwrap_err();
+        assert!(matches!(err, GatewayError::InvalidRequest { param: Some(ref p), .. } if p == "messages"));
+        let err = ChatCompletionRequest::from_json(br#"{"model":"c","messages":[{"role":"user","content":"x"}]} trailing"#).unwrap_err();
+        assert!(matches!(err, GatewayError::InvalidRequest { param: None, .. }));
+    }
+
+    #[test]
+    fn usage_only_chunk_is_recognised() {
+        let chunk = CompletionSummary::parse(
+            br#"{"id":"c1","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#,
+        )
+        .unwrap();
+        assert!(chunk.is_usage_only_chunk());
+        assert_eq!(chunk.usage.unwrap().completion_tokens, 5);
+        let content = CompletionSummary::parse(
+            br#"{"id":"c1","choices":[{"delta":{"content":"hi"}}],"usage":null}"#,
+        )
+        .unwrap();
+        assert!(!content.is_usage_only_chunk());
+    }
+
+    #[test]
+    fn usage_details() {
+        let usage: Usage = serde_json::from_str(
+            r#"{"prompt_tokens":10,"completion_tokens":4,"total_tokens":14,
+               "prompt_tokens_details":{"cached_tokens":6},"completion_tokens_details":{"reasoning_tokens":2}}"#,
+        )
+        .unwrap();
+        assert_eq!(usage.cached_tokens(), 6);
+        assert_eq!(usage.reasoning_tokens(), 2);
+    }
+}

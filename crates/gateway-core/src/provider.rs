@@ -1,0 +1,96 @@
+//! The contract between the request path and a vendor adapter.
+//!
+//! `gateway-providers` implements [`ChatProvider`] for each vendor kind; the composing crate
+//! calls it through this trait only, so routing and policy never see a vendor's wire format.
+
+use crate::context::RequestId;
+use crate::error::GatewayError;
+use crate::openai::{ChatCompletionRequest, Usage};
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+
+/// One chat completion to send upstream. `request.model` already holds the upstream model name.
+#[derive(Debug)]
+pub struct ChatCall {
+    pub request: ChatCompletionRequest,
+    pub request_id: RequestId,
+}
+
+/// The vendor's answer, in OpenAI format.
+pub enum ChatReply {
+    Complete(CompleteReply),
+    Stream(StreamReply),
+}
+
+impl std::fmt::Debug for ChatReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Complete(reply) => f.debug_tuple("Complete").field(reply).finish(),
+            Self::Stream(reply) => f
+                .debug_struct("Stream")
+                .field("vendor_request_id", &reply.vendor_request_id)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct CompleteReply {
+    /// The OpenAI `chat.completion` JSON, forwarded to the client as is.
+    pub body: Bytes,
+    pub usage: Option<Usage>,
+    pub vendor_response_id: Option<String>,
+    pub vendor_request_id: Option<String>,
+}
+
+pub struct StreamReply {
+    pub vendor_request_id: Option<String>,
+    /// Events in arrival order; the stream ends after the `[DONE]` event or an error.
+    pub events: BoxStream<'static, Result<StreamEvent, GatewayError>>,
+}
+
+/// One server-sent event, already in OpenAI `chat.completion.chunk` format.
+#[derive(Debug, Clone)]
+pub struct StreamEvent {
+    /// The SSE `data:` payload (a JSON chunk, or `[DONE]`).
+    pub data: Bytes,
+    pub kind: StreamEventKind,
+    pub usage: Option<Usage>,
+    pub response_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEventKind {
+    /// A chunk with choices (content, role, tool-call or finish deltas).
+    Delta,
+    /// The usage-only chunk (`choices: []`), sent when `stream_options.include_usage` is set.
+    UsageOnly,
+    /// The `[DONE]` terminator.
+    Done,
+}
+
+impl StreamEvent {
+    pub fn done() -> Self {
+        Self {
+            data: Bytes::from_static(b"[DONE]"),
+            kind: StreamEventKind::Done,
+            usage: None,
+            response_id: None,
+        }
+    }
+}
+
+/// A configured upstream (one `[[providers]]` entry) able to serve chat completions.
+pub trait ChatProvider: Send + Sync + 'static {
+    /// The provider's configured name (used in logs, records and errors).
+    fn name(&self) -> &str;
+
+    /// Deadline for one call (the `timeout_secs` of the provider's config).
+    fn timeout(&self) -> std::time::Duration;
+
+    /// Sends the call and resolves once the vendor's response headers (or its whole body, when
+    /// not streaming) arrived. The future owns everything it needs, so the caller may race it
+    /// against a deadline and drop it to cancel the upstream request.
+    fn chat(&self, call: ChatCall) -> BoxFuture<'static, Result<ChatReply, GatewayError>>;
+}

@@ -1,0 +1,1 @@
+//! Observability layer: request ids, the per-request access log, tracing setup.

@@ -1,0 +1,62 @@
+//! Vendor adapters: turn a [`ChatCall`](gateway_core::provider::ChatCall) into a vendor request
+//! and the vendor's answer back into OpenAI format.
+//!
+//! Owns the `[[providers]]` config section, the shared upstream HTTP client (one keep-alive
+//! pool with rustls and `TCP_NODELAY`, kept across config reloads) and one module per provider
+//! kind. It knows nothing of aliases, projects or billing.
+
+mod client;
+mod config;
+mod mock;
+mod openai;
+mod sse;
+
+pub use client::UpstreamClient;
+pub use config::{ProviderConfig, ProviderKind, Secret};
+pub use mock::MockProvider;
+pub use openai::OpenAiProvider;
+
+use gateway_core::config::ConfigError;
+use gateway_core::provider::ChatProvider;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A configured provider, ready to serve.
+pub type DynProvider = Arc<dyn ChatProvider>;
+
+/// Builds every configured provider, reporting every invalid entry with its config path.
+pub fn build_providers(
+    configs: &[ProviderConfig],
+    client: &UpstreamClient,
+) -> Result<HashMap<String, DynProvider>, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let mut providers: HashMap<String, DynProvider> = HashMap::new();
+    for (index, config) in configs.iter().enumerate() {
+        let path = format!("providers[{index}]");
+        if config.name.is_empty() {
+            errors.push(ConfigError::new(format!("{path}.name"), "must not be empty"));
+            continue;
+        }
+        let built: Result<DynProvider, Vec<ConfigError>> = match config.kind {
+            ProviderKind::Mock => Ok(Arc::new(MockProvider::new(config))),
+            ProviderKind::Openai => OpenAiProvider::new(config, client, &path)
+                .map(|provider| Arc::new(provider) as DynProvider),
+        };
+        match built {
+            Ok(provider) => {
+                if providers.insert(config.name.clone(), provider).is_some() {
+                    errors.push(ConfigError::new(
+                        format!("{path}.name"),
+                        format!("duplicate provider name `{}`", config.name),
+                    ));
+                }
+            }
+            Err(mut problems) => errors.append(&mut problems),
+        }
+    }
+    if errors.is_empty() {
+        Ok(providers)
+    } else {
+        Err(errors)
+    }
+}

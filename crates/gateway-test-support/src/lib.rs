@@ -1,0 +1,1 @@
+//! Test support: a real mock upstream server speaking OpenAI JSON and SSE, with faults on demand.
