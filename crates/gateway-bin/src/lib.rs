@@ -1,1 +1,13 @@
-//! The gateway binary and the library that composes the layers into a running server.
+//! The composing crate: the only one that knows every layer.
+//!
+//! `main.rs` parses the command line and calls [`cli::run`]; everything else lives here so the
+//! integration tests start exactly the gateway users run ([`RunningGateway::start`]).
+
+pub mod cli;
+pub mod config;
+pub mod server;
+pub mod service;
+pub mod state;
+
+pub use config::{ConfigLoadError, GatewayConfig};
+pub use server::RunningGateway;

@@ -94,3 +94,9 @@ pub trait ChatProvider: Send + Sync + 'static {
     /// against a deadline and drop it to cancel the upstream request.
     fn chat(&self, call: ChatCall) -> BoxFuture<'static, Result<ChatReply, GatewayError>>;
 }
+
+impl std::fmt::Debug for dyn ChatProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ChatProvider({})", self.name())
+    }
+}

@@ -1,1 +1,44 @@
-//! Observability layer: request ids, the per-request access log, tracing setup.
+//! Observability layer: one request id end to end, and one access-log line per request.
+//!
+//! Owns the `[observability]` config section, tracing set-up ([`init_tracing`]), and
+//! [`ObserveLayer`], the outermost middleware: it gives each request its id and
+//! [`RequestContext`](gateway_core::RequestContext), stamps `x-request-id` on every response
+//! (errors included), and when the response body has been sent — or the client went away — hands
+//! the request's final outcome to every [`RequestObserver`](gateway_core::RequestObserver).
+//! [`AccessLog`] is one such observer; the usage recorder of the business layer is another.
+//! It never logs an API key or a prompt: only the outcome's fixed fields.
+
+mod access_log;
+mod config;
+mod layer;
+
+pub use access_log::AccessLog;
+pub use config::{LogFormat, ObservabilityConfig};
+pub use layer::{FinishBody, ObserveFuture, ObserveLayer, ObserveService, REQUEST_ID_HEADER};
+
+use tracing_appender::non_blocking::WorkerGuard;
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global tracing subscriber writing to stdout through a background thread, so a
+/// slow terminal or log pipe never stalls a request. Keep the guard alive until exit: dropping
+/// it flushes the lines still queued. `RUST_LOG`, when set, overrides `config.log_level`.
+pub fn init_tracing(config: &ObservabilityConfig) -> WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(config.log_level.as_str()));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    // A second init (tests starting several gateways in one process) is harmless: the first
+    // subscriber stays.
+    let _already_set = match config.log_format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+    guard
+}

@@ -1,0 +1,174 @@
+//! Starting and stopping the gateway: listener, connections, the usage writer.
+
+use crate::config::GatewayConfig;
+use crate::service::{AppState, build_stack};
+use crate::state::Snapshot;
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use gateway_business::{UsageWriter, WriterStats};
+use gateway_core::RequestObserver;
+use gateway_observability::AccessLog;
+use gateway_providers::UpstreamClient;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// A gateway that is serving. Integration tests start exactly this, as `gateway serve` does.
+#[derive(Debug)]
+pub struct RunningGateway {
+    addr: SocketAddr,
+    state: Arc<AppState>,
+    stop: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    writer: UsageWriter,
+    grace: Duration,
+}
+
+impl RunningGateway {
+    /// Binds the listener and starts serving. Returns once requests can be accepted; the
+    /// usage database is connected in the background and never delays start-up.
+    pub async fn start(config: GatewayConfig) -> anyhow::Result<Self> {
+        let client = UpstreamClient::new(Duration::from_secs(10))
+            .context("building the upstream HTTP client")?;
+        let snapshot = Snapshot::build(&config, &client)?;
+        let listener = TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| format!("binding {}", config.server.listen))?;
+        let addr = listener.local_addr()?;
+
+        let (recorder, writer) = UsageWriter::spawn(config.database.clone());
+        let mut observers: Vec<Arc<dyn RequestObserver>> = Vec::new();
+        if config.observability.access_log {
+            observers.push(Arc::new(AccessLog));
+        }
+        observers.push(Arc::new(recorder));
+
+        let state = Arc::new(AppState {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            ready: false.into(),
+            max_body_bytes: config.server.max_body_bytes,
+        });
+        let (stop, stopped) = watch::channel(false);
+        let stack = build_stack(state.clone(), observers);
+        let server = tokio::spawn(accept_loop(
+            listener,
+            stack,
+            stopped,
+            Duration::from_secs(config.server.shutdown_grace_secs),
+        ));
+        state.ready.store(true, Ordering::Release);
+        tracing::info!(
+            %addr,
+            config_version = %config.version,
+            aliases = config.models.len(),
+            providers = config.providers.len(),
+            projects = config.projects.len(),
+            "gateway listening"
+        );
+        Ok(Self {
+            addr,
+            state,
+            stop,
+            server,
+            writer,
+            grace: Duration::from_secs(config.server.shutdown_grace_secs),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn usage_stats(&self) -> WriterStats {
+        self.writer.stats()
+    }
+
+    /// Stops accepting, lets in-flight requests finish within the grace period, then writes
+    /// the queued usage records.
+    pub async fn shutdown(self) -> WriterStats {
+        self.state.ready.store(false, Ordering::Release);
+        let _ignored = self.stop.send(true);
+        if let Err(err) = self.server.await {
+            tracing::error!(error = %err, "server task failed");
+        }
+        let stats = self.writer.shutdown(self.grace.max(Duration::from_secs(5))).await;
+        tracing::info!(
+            written = stats.written,
+            dropped = stats.dropped,
+            "gateway stopped"
+        );
+        stats
+    }
+}
+
+async fn accept_loop<S>(
+    listener: TcpListener,
+    stack: S,
+    mut stopped: watch::Receiver<bool>,
+    grace: Duration,
+) where
+    S: tower::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<
+                gateway_observability::FinishBody<crate::service::ResponseBody>,
+            >,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Usually out of file descriptors: back off instead of spinning.
+                        tracing::warn!(error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                // Headers and body go out in separate writes; without TCP_NODELAY the second
+                // waits for the client's delayed ACK (about 40 ms) on keep-alive connections.
+                if let Err(err) = stream.set_nodelay(true) {
+                    tracing::debug!(error = %err, "could not set TCP_NODELAY");
+                }
+                let service = TowerToHyperService::new(stack.clone());
+                let connection = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(err) = connection.await {
+                        tracing::debug!(error = %err, "connection ended with an error");
+                    }
+                });
+            }
+            _ = stopped.changed() => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "in-flight requests did not finish within the grace period"
+        );
+    }
+}

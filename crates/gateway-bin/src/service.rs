@@ -1,0 +1,383 @@
+//! The request path: the tower stack and the endpoint handlers.
+//!
+//! ```text
+//! ObserveLayer      request id, x-request-id, access log + usage record when the body ends
+//!  └ EdgeService    reads the config snapshot once; turns every error into an OpenAI error
+//!     └ AuthLayer   project key -> Principal (public paths excepted)
+//!        └ Dispatch endpoints: chat completions (routing -> policy -> provider), models, health
+//! ```
+//! Observe is outermost so that every response, auth failures included, is logged and carries
+//! the request id. The edge sits inside it so the observers see the final status and error
+//! type. Auth runs after the snapshot is read, so one request uses one config version.
+
+use crate::state::Snapshot;
+use arc_swap::ArcSwap;
+use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
+use futures_util::{Stream, StreamExt};
+use gateway_access::AuthLayer;
+use gateway_core::openai::{ChatCompletionRequest, ModelEntry, ModelList};
+use gateway_core::provider::{ChatCall, ChatReply, StreamEvent, StreamEventKind};
+use gateway_core::{ErrorType, GatewayError, Principal, RequestContext, RequestObserver};
+use gateway_observability::ObserveLayer;
+use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use tower::{Layer, Service};
+
+pub type ResponseBody = UnsyncBoxBody<Bytes, Infallible>;
+
+/// What every request needs, shared by all connections.
+#[derive(Debug)]
+pub struct AppState {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub ready: AtomicBool,
+    pub max_body_bytes: usize,
+}
+
+/// Builds the whole stack, outermost first (see the module docs for why in this order).
+pub fn build_stack(
+    state: Arc<AppState>,
+    observers: Vec<Arc<dyn RequestObserver>>,
+) -> gateway_observability::ObserveService<EdgeService<gateway_access::AuthService<Dispatch>>> {
+    let dispatch = Dispatch {
+        state: state.clone(),
+    };
+    let auth = AuthLayer::new(PUBLIC_PATHS).layer(dispatch);
+    let edge = EdgeService { inner: auth, state };
+    ObserveLayer::new(observers).layer(edge)
+}
+
+const PUBLIC_PATHS: &[&str] = &["/healthz", "/readyz"];
+
+/// Reads the snapshot once per request and converts errors into responses.
+#[derive(Clone)]
+pub struct EdgeService<S> {
+    inner: S,
+    state: Arc<AppState>,
+}
+
+impl<S> Service<Request<Incoming>> for EdgeService<S>
+where
+    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = GatewayError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+        let snapshot = self.state.snapshot.load_full();
+        request.extensions_mut().insert(snapshot.keys.clone());
+        request.extensions_mut().insert(snapshot);
+        let context = request.extensions().get::<Arc<RequestContext>>().cloned();
+        // Cloning keeps `poll_ready`'s contract: the inner service is always ready.
+        let mut inner = self.inner.clone();
+        Box::pin(async move {
+            match inner.call(request).await {
+                Ok(response) => Ok(response),
+                Err(err) => {
+                    if let Some(context) = context {
+                        context.outcome().error_type = Some(err.error_type());
+                    }
+                    Ok(error_response(&err))
+                }
+            }
+        })
+    }
+}
+
+pub fn error_response(err: &GatewayError) -> Response<ResponseBody> {
+    json_response(err.status(), err.to_json())
+}
+
+fn json_response(status: StatusCode, body: Bytes) -> Response<ResponseBody> {
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn full(body: Bytes) -> ResponseBody {
+    UnsyncBoxBody::new(Full::new(body))
+}
+
+/// Routes a request to its endpoint.
+#[derive(Clone)]
+pub struct Dispatch {
+    state: Arc<AppState>,
+}
+
+impl Service<Request<Incoming>> for Dispatch {
+    type Response = Response<ResponseBody>;
+    type Error = GatewayError;
+    type Future = BoxFuture<'static, Result<Self::Response, GatewayError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        let state = self.state.clone();
+        Box::pin(async move {
+            let method = request.method().clone();
+            match (method, request.uri().path()) {
+                (Method::POST, "/v1/chat/completions") => chat_completions(&state, request).await,
+                (Method::GET, "/v1/models") => list_models(&request),
+                (Method::GET, "/healthz") => Ok(json_response(
+                    StatusCode::OK,
+                    Bytes::from_static(br#"{"status":"ok"}"#),
+                )),
+                (Method::GET, "/readyz") => Ok(readiness(&state)),
+                (method, path) => Err(unknown_route(&method, path)),
+            }
+        })
+    }
+}
+
+fn unknown_route(method: &Method, path: &str) -> GatewayError {
+    let known = [
+        "/v1/chat/completions",
+        "/v1/models",
+        "/healthz",
+        "/readyz",
+    ];
+    if known.contains(&path) {
+        GatewayError::MethodNotAllowed {
+            method: method.to_string(),
+            path: path.to_owned(),
+        }
+    } else {
+        GatewayError::RouteNotFound {
+            method: method.to_string(),
+            path: path.to_owned(),
+        }
+    }
+}
+
+fn readiness(state: &AppState) -> Response<ResponseBody> {
+    if state.ready.load(Ordering::Acquire) {
+        json_response(StatusCode::OK, Bytes::from_static(br#"{"status":"ready"}"#))
+    } else {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Bytes::from_static(br#"{"status":"not ready"}"#),
+        )
+    }
+}
+
+fn request_parts(
+    request: &Request<Incoming>,
+) -> Result<(Arc<RequestContext>, Principal, Arc<Snapshot>), GatewayError> {
+    let extensions = request.extensions();
+    let missing = |what: &str| GatewayError::Internal(format!("request has no {what}"));
+    Ok((
+        extensions
+            .get::<Arc<RequestContext>>()
+            .cloned()
+            .ok_or_else(|| missing("context"))?,
+        extensions
+            .get::<Principal>()
+            .cloned()
+            .ok_or_else(|| missing("principal"))?,
+        extensions
+            .get::<Arc<Snapshot>>()
+            .cloned()
+            .ok_or_else(|| missing("config snapshot"))?,
+    ))
+}
+
+fn list_models(request: &Request<Incoming>) -> Result<Response<ResponseBody>, GatewayError> {
+    let (_context, principal, snapshot) = request_parts(request)?;
+    let data = snapshot
+        .routes
+        .aliases()
+        .filter(|alias| principal.may_use(alias))
+        .map(|alias| ModelEntry {
+            id: alias.to_owned(),
+            object: "model".into(),
+            created: 0,
+            owned_by: "gateway".into(),
+        })
+        .collect();
+    let list = ModelList {
+        object: "list".into(),
+        data,
+    };
+    let body = serde_json::to_vec(&list)
+        .map_err(|err| GatewayError::Internal(format!("encoding the model list: {err}")))?;
+    Ok(json_response(StatusCode::OK, Bytes::from(body)))
+}
+
+async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, GatewayError> {
+    let too_large = GatewayError::PayloadTooLarge { limit_bytes: limit };
+    // Refuse a declared oversize body before reading a byte of it.
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(too_large);
+    }
+    match Limited::new(request.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(too_large),
+        Err(err) => Err(GatewayError::invalid_request(
+            format!("Could not read the request body: {err}"),
+            None,
+        )),
+    }
+}
+
+async fn chat_completions(
+    state: &AppState,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let (context, principal, snapshot) = request_parts(&request)?;
+    let body = read_body(request, state.max_body_bytes).await?;
+    let mut chat = ChatCompletionRequest::from_json(&body)?;
+
+    // From here on the request is billable or auditable: it gets a usage record even if the
+    // alias turns out not to exist.
+    {
+        let mut outcome = context.outcome();
+        outcome.routed = true;
+        outcome.alias = Some(chat.model.as_str().into());
+        outcome.streamed = chat.is_stream();
+    }
+    // An alias the project may not use is reported exactly like a missing one, so a caller
+    // cannot probe which aliases exist.
+    let route = snapshot
+        .routes
+        .resolve(&chat.model)
+        .filter(|_| principal.may_use(&chat.model))
+        .ok_or_else(|| GatewayError::ModelNotFound {
+            model: chat.model.clone(),
+        })?;
+    let target = route.pick();
+    let provider = snapshot
+        .providers
+        .get(&*target.provider)
+        .ok_or_else(|| {
+            GatewayError::Internal(format!("provider `{}` is not built", target.provider))
+        })?
+        .clone();
+    let stream = chat.is_stream();
+    let client_wants_usage = chat.client_wants_stream_usage();
+    {
+        let mut outcome = context.outcome();
+        outcome.alias = Some(route.alias.clone());
+        outcome.provider = Some(target.provider.clone());
+        outcome.upstream_model = Some(target.model.clone());
+        outcome.attempts = 1;
+    }
+    chat.model = target.model.to_string();
+
+    let call = ChatCall {
+        request: chat,
+        request_id: context.id,
+    };
+    let reply = gateway_policy::with_deadline(
+        provider.name(),
+        provider.timeout(),
+        provider.chat(call),
+    )
+    .await?;
+
+    match reply {
+        ChatReply::Complete(reply) => {
+            {
+                let mut outcome = context.outcome();
+                outcome.usage = reply.usage;
+                outcome.vendor_response_id = reply.vendor_response_id;
+                outcome.vendor_request_id = reply.vendor_request_id;
+                outcome.time_to_first_token = Some(context.elapsed());
+            }
+            Ok(json_response(StatusCode::OK, reply.body))
+        }
+        ChatReply::Stream(reply) => {
+            context.outcome().vendor_request_id = reply.vendor_request_id;
+            let frames = sse_frames(reply.events, context, client_wants_usage);
+            let mut response = Response::new(UnsyncBoxBody::new(StreamBody::new(frames)));
+            let headers = response.headers_mut();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            // Tells nginx-style proxies in front of us not to buffer the stream.
+            headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+            Ok(response)
+        }
+    }
+}
+
+/// Forwards vendor events to the client one frame per event, as they arrive, noting usage and
+/// time to first token on the way. The usage-only chunk the gateway asked for is dropped when
+/// the client did not ask for it. An upstream failure mid-stream becomes an OpenAI error event
+/// (the status line is long gone), then the stream ends.
+///
+/// If the client disconnects, hyper drops this stream, which drops the upstream response: the
+/// upstream connection is closed rather than drained, so the vendor stops generating tokens
+/// nobody will read (and the observers record the request as client-aborted).
+fn sse_frames(
+    events: impl Stream<Item = Result<StreamEvent, GatewayError>> + Send + 'static,
+    context: Arc<RequestContext>,
+    client_wants_usage: bool,
+) -> impl Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + 'static {
+    // `ended`: `[DONE]` or an error was forwarded; anything after it is not sent.
+    events
+        .scan(false, move |ended, event| {
+            if *ended {
+                return std::future::ready(None);
+            }
+            let frame = match event {
+                Ok(event) => {
+                    let mut outcome = context.outcome();
+                    if outcome.time_to_first_token.is_none()
+                        && event.kind == StreamEventKind::Delta
+                    {
+                        outcome.time_to_first_token = Some(context.elapsed());
+                    }
+                    if event.usage.is_some() {
+                        outcome.usage = event.usage;
+                    }
+                    if outcome.vendor_response_id.is_none() {
+                        outcome.vendor_response_id = event.response_id.clone();
+                    }
+                    *ended = event.kind == StreamEventKind::Done;
+                    let forward = event.kind != StreamEventKind::UsageOnly || client_wants_usage;
+                    forward.then(|| sse_frame(&event.data))
+                }
+                Err(err) => {
+                    context.outcome().error_type = Some(ErrorType::UpstreamStreamError);
+                    tracing::warn!(request_id = %context.id, error = %err, "upstream stream failed");
+                    *ended = true;
+                    Some(sse_frame(&err.to_json()))
+                }
+            };
+            std::future::ready(Some(frame))
+        })
+        .filter_map(|frame| std::future::ready(frame.map(|frame| Ok(Frame::data(frame)))))
+}
+
+fn sse_frame(data: &[u8]) -> Bytes {
+    let mut frame = BytesMut::with_capacity(data.len() + 8);
+    frame.extend_from_slice(b"data: ");
+    frame.extend_from_slice(data);
+    frame.extend_from_slice(b"\n\n");
+    frame.freeze()
+}

@@ -1,0 +1,45 @@
+//! The runtime state built from one config version.
+//!
+//! Built whole (fallibly), then published with one atomic store: a request reads one snapshot
+//! when it arrives and keeps it to the end, so it never sees half of one config and half of
+//! another.
+
+use crate::config::{ConfigLoadError, GatewayConfig};
+use gateway_access::KeyStore;
+use gateway_providers::{DynProvider, UpstreamClient, build_providers};
+use gateway_routing::RoutingTable;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub struct Snapshot {
+    pub keys: Arc<KeyStore>,
+    pub routes: RoutingTable,
+    pub providers: HashMap<String, DynProvider>,
+    pub version: String,
+}
+
+impl Snapshot {
+    pub fn build(config: &GatewayConfig, client: &UpstreamClient) -> Result<Self, ConfigLoadError> {
+        let mut errors = Vec::new();
+        let keys = KeyStore::build(&config.projects)
+            .map_err(|mut problems| errors.append(&mut problems))
+            .ok();
+        let providers = build_providers(&config.providers, client)
+            .map_err(|mut problems| errors.append(&mut problems))
+            .ok();
+        let names: HashSet<&str> = config.providers.iter().map(|p| p.name.as_str()).collect();
+        let routes = RoutingTable::build(&config.models, &names)
+            .map_err(|mut problems| errors.append(&mut problems))
+            .ok();
+        match (keys, providers, routes) {
+            (Some(keys), Some(providers), Some(routes)) if errors.is_empty() => Ok(Self {
+                keys: Arc::new(keys),
+                routes,
+                providers,
+                version: config.version.clone(),
+            }),
+            _ => Err(ConfigLoadError::Invalid(errors)),
+        }
+    }
+}

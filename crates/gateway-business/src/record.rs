@@ -1,0 +1,78 @@
+use gateway_core::FinishedRequest;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// One row of `usage_events`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageRecord {
+    pub request_id: Uuid,
+    pub created_at: OffsetDateTime,
+    pub project: Option<String>,
+    pub key_id: Option<String>,
+    /// The project's tags as a JSON object.
+    pub tags: String,
+    pub alias: Option<String>,
+    pub provider: Option<String>,
+    pub upstream_model: Option<String>,
+    pub attempts: i32,
+    pub status: i32,
+    pub error_type: Option<&'static str>,
+    pub input_tokens: Option<i64>,
+    pub output_tokens: Option<i64>,
+    pub cached_tokens: Option<i64>,
+    pub reasoning_tokens: Option<i64>,
+    pub elapsed_ms: f64,
+    pub ttft_ms: Option<f64>,
+    pub streamed: bool,
+    pub client_aborted: bool,
+    pub vendor_response_id: Option<String>,
+    pub vendor_request_id: Option<String>,
+}
+
+impl UsageRecord {
+    /// The record of a finished request, or `None` if it never reached routing (rejected at
+    /// the door: no alias, nothing to bill).
+    pub fn from_finished(finished: &FinishedRequest<'_>) -> Option<Self> {
+        let outcome = finished.outcome;
+        if !outcome.routed {
+            return None;
+        }
+        let principal = outcome.principal.as_ref();
+        let usage = outcome.usage.as_ref();
+        let tokens = |count: u64| i64::try_from(count).unwrap_or(i64::MAX);
+        let error_type = outcome.error_type.map(|e| e.as_str()).or(
+            finished
+                .client_aborted
+                .then_some(gateway_core::ErrorType::ClientAborted.as_str()),
+        );
+        Some(Self {
+            request_id: finished.context.id.as_uuid(),
+            created_at: finished.context.received_at,
+            project: principal.map(|p| p.project.to_string()),
+            key_id: principal.map(|p| p.key_id.to_string()),
+            tags: principal
+                .and_then(|p| serde_json::to_string(&*p.tags).ok())
+                .unwrap_or_else(|| "{}".into()),
+            alias: outcome.alias.as_deref().map(str::to_owned),
+            provider: outcome.provider.as_deref().map(str::to_owned),
+            upstream_model: outcome.upstream_model.as_deref().map(str::to_owned),
+            attempts: i32::try_from(outcome.attempts.max(1)).unwrap_or(i32::MAX),
+            status: i32::from(finished.status.as_u16()),
+            error_type,
+            input_tokens: usage.map(|u| tokens(u.prompt_tokens)),
+            output_tokens: usage.map(|u| tokens(u.completion_tokens)),
+            cached_tokens: usage.map(|u| tokens(u.cached_tokens())),
+            reasoning_tokens: usage.map(|u| tokens(u.reasoning_tokens())),
+            elapsed_ms: millis(finished.elapsed),
+            ttft_ms: outcome.time_to_first_token.map(millis),
+            streamed: outcome.streamed,
+            client_aborted: finished.client_aborted,
+            vendor_response_id: outcome.vendor_response_id.clone(),
+            vendor_request_id: outcome.vendor_request_id.clone(),
+        })
+    }
+}
+
+fn millis(duration: std::time::Duration) -> f64 {
+    (duration.as_micros() as f64) / 1000.0
+}
