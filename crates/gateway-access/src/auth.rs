@@ -130,7 +130,9 @@ mod tests {
 
     #[tokio::test]
     async fn bad_key_never_reaches_inner_service() {
-        let err = call(request("/v1/models", Some("sk-bad"))).await.unwrap_err();
+        let err = call(request("/v1/models", Some("sk-bad")))
+            .await
+            .unwrap_err();
         assert_eq!(err.status(), http::StatusCode::UNAUTHORIZED);
         let err = call(request("/v1/models", None)).await.unwrap_err();
         assert_eq!(err.status(), http::StatusCode::UNAUTHORIZED);

@@ -57,7 +57,10 @@ impl KeyStore {
         for (index, project) in projects.iter().enumerate() {
             let path = format!("projects[{index}]");
             if project.name.is_empty() {
-                errors.push(ConfigError::new(format!("{path}.name"), "must not be empty"));
+                errors.push(ConfigError::new(
+                    format!("{path}.name"),
+                    "must not be empty",
+                ));
             }
             if !names.insert(project.name.as_str()) {
                 errors.push(ConfigError::new(
@@ -77,7 +80,10 @@ impl KeyStore {
                 if !key_ids.insert(key.id.as_str()) {
                     errors.push(ConfigError::new(
                         format!("{key_path}.id"),
-                        format!("duplicate key id `{}` in project `{}`", key.id, project.name),
+                        format!(
+                            "duplicate key id `{}` in project `{}`",
+                            key.id, project.name
+                        ),
                     ));
                 }
                 let mut digest = [0u8; 32];
@@ -206,13 +212,22 @@ mod tests {
         let principal = store.authenticate(&headers("bearer  sk-b1 ")).unwrap();
         assert_eq!(&*principal.project, "b");
         assert!(!principal.may_use("other"));
-        assert_eq!(principal.tags.get("team").map(String::as_str), Some("platform"));
+        assert_eq!(
+            principal.tags.get("team").map(String::as_str),
+            Some("platform")
+        );
     }
 
     #[test]
     fn rejects_wrong_missing_and_malformed_keys() {
         let store = KeyStore::build(&[project("a", &[("a1", "sk-a1")], None)]).unwrap();
-        for value in ["Bearer sk-wrong", "Bearer ", "Basic sk-a1", "sk-a1", "Bearer"] {
+        for value in [
+            "Bearer sk-wrong",
+            "Bearer ",
+            "Basic sk-a1",
+            "sk-a1",
+            "Bearer",
+        ] {
             let err = store.authenticate(&headers(value)).unwrap_err();
             assert_eq!(err.status(), http::StatusCode::UNAUTHORIZED, "{value}");
         }
@@ -230,8 +245,14 @@ mod tests {
         let errors = KeyStore::build(&[bad, project("a", &[("z", "s1")], None)]).unwrap_err();
         let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
         assert!(paths.contains(&"projects[0].api_keys[1].id"), "{paths:?}");
-        assert!(paths.contains(&"projects[0].api_keys[2].sha256"), "{paths:?}");
+        assert!(
+            paths.contains(&"projects[0].api_keys[2].sha256"),
+            "{paths:?}"
+        );
         assert!(paths.contains(&"projects[1].name"), "{paths:?}");
-        assert!(paths.contains(&"projects[1].api_keys[0].sha256"), "{paths:?}");
+        assert!(
+            paths.contains(&"projects[1].api_keys[0].sha256"),
+            "{paths:?}"
+        );
     }
 }

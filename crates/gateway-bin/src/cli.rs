@@ -1,19 +1,28 @@
 //! The command line: `serve` (default), `config check`, `migrate`, `keys hash`.
 
-use crate::config::GatewayConfig;
+use crate::config::{ConfigLoadError, GatewayConfig};
 use crate::server::RunningGateway;
+use crate::state::Snapshot;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use gateway_business::UsageStore;
+use gateway_core::config::ConfigError;
+use gateway_providers::UpstreamClient;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Debug, Parser)]
 #[command(name = "gateway", version, about = "An OpenAI-compatible LLM gateway")]
 pub struct Cli {
     /// Config file. Relative paths inside it are resolved against the working directory.
-    #[arg(long, global = true, default_value = "config/gateway.toml", env = "GATEWAY_CONFIG")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "config/gateway.toml",
+        env = "GATEWAY_CONFIG"
+    )]
     pub config: PathBuf,
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -58,7 +67,20 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Serve => with_runtime(serve(&cli.config)),
         Command::Config {
             command: ConfigCommand::Check { file },
-        } => check(file.as_deref().unwrap_or(&cli.config)),
+        } => {
+            let path = file.unwrap_or(cli.config);
+            // Building providers needs a runtime (connection pools are created on it).
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(async { check(&path) }),
+                Err(err) => {
+                    report(&format!("starting the runtime: {err}"));
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Migrate => with_runtime(migrate(&cli.config)),
         Command::Keys {
             command: KeysCommand::Hash { key },
@@ -67,7 +89,10 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 fn with_runtime(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             report(&format!("starting the runtime: {err}"));
@@ -130,8 +155,16 @@ async fn wait_for_signal() {
     }
 }
 
+/// Parses the file and builds the runtime state it describes (without serving), so every
+/// error `serve` would hit is reported here.
 fn check(path: &Path) -> ExitCode {
-    match GatewayConfig::load(path) {
+    let result = GatewayConfig::load(path).and_then(|config| {
+        let client = UpstreamClient::new(Duration::from_secs(10)).map_err(|err| {
+            ConfigLoadError::Invalid(vec![ConfigError::new("tls", err.to_string())])
+        })?;
+        Snapshot::build(&config, &client).map(|_snapshot| config)
+    });
+    match result {
         Ok(config) => {
             let _ignored = writeln!(
                 std::io::stdout(),

@@ -71,7 +71,8 @@ impl GatewayConfig {
         Self::parse(&text, &|name| std::env::var(name).ok())
     }
 
-    /// Parses and validates; `env` resolves `${VAR}` references.
+    /// Parses every section; `env` resolves `${VAR}` references. The checks that span sections
+    /// run when the runtime state is built ([`crate::state::Snapshot::build`]).
     pub fn parse(
         text: &str,
         env: &dyn Fn(&str) -> Option<String>,
@@ -114,7 +115,7 @@ impl GatewayConfig {
         if !errors.is_empty() {
             return Err(ConfigLoadError::Invalid(errors));
         }
-        let config = Self {
+        Ok(Self {
             server: server.unwrap_or_default(),
             database: database.unwrap_or_default(),
             observability: observability.unwrap_or_default(),
@@ -122,35 +123,7 @@ impl GatewayConfig {
             models,
             projects,
             version,
-        };
-        config.validate()?;
-        Ok(config)
-    }
-
-    /// Cross-section checks, without building clients. Building the runtime state
-    /// ([`crate::state::Snapshot::build`]) repeats none of these.
-    fn validate(&self) -> Result<(), ConfigLoadError> {
-        let mut errors = Vec::new();
-        let aliases: std::collections::HashSet<&str> =
-            self.models.iter().map(|m| m.alias.as_str()).collect();
-        for (index, project) in self.projects.iter().enumerate() {
-            for (model_index, alias) in project.models.iter().flatten().enumerate() {
-                if !aliases.contains(alias.as_str()) {
-                    errors.push(ConfigError::new(
-                        format!("projects[{index}].models[{model_index}]"),
-                        format!("no alias named `{alias}` in [[models]]"),
-                    ));
-                }
-            }
-        }
-        if self.server.max_body_bytes == 0 {
-            errors.push(ConfigError::new("server.max_body_bytes", "must be above 0"));
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigLoadError::Invalid(errors))
-        }
+        })
     }
 }
 

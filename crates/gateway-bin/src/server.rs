@@ -99,7 +99,10 @@ impl RunningGateway {
         if let Err(err) = self.server.await {
             tracing::error!(error = %err, "server task failed");
         }
-        let stats = self.writer.shutdown(self.grace.max(Duration::from_secs(5))).await;
+        let stats = self
+            .writer
+            .shutdown(self.grace.max(Duration::from_secs(5)))
+            .await;
         tracing::info!(
             written = stats.written,
             dropped = stats.dropped,
@@ -165,7 +168,10 @@ async fn accept_loop<S>(
         }
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             grace_secs = grace.as_secs(),
             "in-flight requests did not finish within the grace period"

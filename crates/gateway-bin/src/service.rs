@@ -151,12 +151,7 @@ impl Service<Request<Incoming>> for Dispatch {
 }
 
 fn unknown_route(method: &Method, path: &str) -> GatewayError {
-    let known = [
-        "/v1/chat/completions",
-        "/v1/models",
-        "/healthz",
-        "/readyz",
-    ];
+    let known = ["/v1/chat/completions", "/v1/models", "/healthz", "/readyz"];
     if known.contains(&path) {
         GatewayError::MethodNotAllowed {
             method: method.to_string(),
@@ -278,7 +273,6 @@ async fn chat_completions(
             GatewayError::Internal(format!("provider `{}` is not built", target.provider))
         })?
         .clone();
-    let stream = chat.is_stream();
     let client_wants_usage = chat.client_wants_stream_usage();
     {
         let mut outcome = context.outcome();
@@ -293,12 +287,9 @@ async fn chat_completions(
         request: chat,
         request_id: context.id,
     };
-    let reply = gateway_policy::with_deadline(
-        provider.name(),
-        provider.timeout(),
-        provider.chat(call),
-    )
-    .await?;
+    let reply =
+        gateway_policy::with_deadline(provider.name(), provider.timeout(), provider.chat(call))
+            .await?;
 
     match reply {
         ChatReply::Complete(reply) => {

@@ -6,6 +6,7 @@
 
 use crate::config::{ConfigLoadError, GatewayConfig};
 use gateway_access::KeyStore;
+use gateway_core::config::ConfigError;
 use gateway_providers::{DynProvider, UpstreamClient, build_providers};
 use gateway_routing::RoutingTable;
 use std::collections::{HashMap, HashSet};
@@ -20,6 +21,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Builds everything a config version needs, reporting every problem with its path.
     pub fn build(config: &GatewayConfig, client: &UpstreamClient) -> Result<Self, ConfigLoadError> {
         let mut errors = Vec::new();
         let keys = KeyStore::build(&config.projects)
@@ -32,6 +34,20 @@ impl Snapshot {
         let routes = RoutingTable::build(&config.models, &names)
             .map_err(|mut problems| errors.append(&mut problems))
             .ok();
+        let aliases: HashSet<&str> = config.models.iter().map(|m| m.alias.as_str()).collect();
+        for (index, project) in config.projects.iter().enumerate() {
+            for (model_index, alias) in project.models.iter().flatten().enumerate() {
+                if !aliases.contains(alias.as_str()) {
+                    errors.push(ConfigError::new(
+                        format!("projects[{index}].models[{model_index}]"),
+                        format!("no alias named `{alias}` in [[models]]"),
+                    ));
+                }
+            }
+        }
+        if config.server.max_body_bytes == 0 {
+            errors.push(ConfigError::new("server.max_body_bytes", "must be above 0"));
+        }
         match (keys, providers, routes) {
             (Some(keys), Some(providers), Some(routes)) if errors.is_empty() => Ok(Self {
                 keys: Arc::new(keys),

@@ -40,11 +40,9 @@ impl UsageRecord {
         let principal = outcome.principal.as_ref();
         let usage = outcome.usage.as_ref();
         let tokens = |count: u64| i64::try_from(count).unwrap_or(i64::MAX);
-        let error_type = outcome.error_type.map(|e| e.as_str()).or(
-            finished
-                .client_aborted
-                .then_some(gateway_core::ErrorType::ClientAborted.as_str()),
-        );
+        let error_type = outcome.error_type.map(|e| e.as_str()).or(finished
+            .client_aborted
+            .then_some(gateway_core::ErrorType::ClientAborted.as_str()));
         Some(Self {
             request_id: finished.context.id.as_uuid(),
             created_at: finished.context.received_at,

@@ -2,7 +2,9 @@ use crate::config::DatabaseConfig;
 use crate::record::UsageRecord;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{Postgres, QueryBuilder, Sqlite};
 use std::str::FromStr;
 use std::time::Duration;

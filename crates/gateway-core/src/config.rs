@@ -32,14 +32,10 @@ pub fn interpolate_env(
     errors: &mut Vec<ConfigError>,
 ) {
     match value {
-        toml::Value::String(text) => {
-            if text.contains('$') {
-                match interpolate_str(text, lookup) {
-                    Ok(replaced) => *text = replaced,
-                    Err(message) => errors.push(ConfigError::new(path, message)),
-                }
-            }
-        }
+        toml::Value::String(text) if text.contains('$') => match interpolate_str(text, lookup) {
+            Ok(replaced) => *text = replaced,
+            Err(message) => errors.push(ConfigError::new(path, message)),
+        },
         toml::Value::Array(items) => {
             for (index, item) in items.iter_mut().enumerate() {
                 interpolate_env(item, &format!("{path}[{index}]"), lookup, errors);
@@ -73,15 +69,13 @@ fn interpolate_str(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Resul
                 .find('}')
                 .ok_or_else(|| format!("unterminated `${{` in {text:?}"))?;
             let name = &open[..end];
-            let valid = !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_');
+            let valid =
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid {
                 return Err(format!("invalid environment variable name {name:?}"));
             }
-            let value = lookup(name)
-                .ok_or_else(|| format!("environment variable `{name}` is not set"))?;
+            let value =
+                lookup(name).ok_or_else(|| format!("environment variable `{name}` is not set"))?;
             out.push_str(&value);
             rest = &open[end + 1..];
         } else {

@@ -154,9 +154,7 @@ impl GatewayError {
             Self::MethodNotAllowed { .. } => ErrorType::MethodNotAllowed,
             Self::UpstreamTimeout { .. } => ErrorType::UpstreamTimeout,
             Self::UpstreamUnavailable { .. } => ErrorType::UpstreamUnavailable,
-            Self::UpstreamStatus { .. } | Self::UpstreamProtocol { .. } => {
-                ErrorType::UpstreamError
-            }
+            Self::UpstreamStatus { .. } | Self::UpstreamProtocol { .. } => ErrorType::UpstreamError,
             Self::ShuttingDown => ErrorType::Unavailable,
             Self::Internal(_) => ErrorType::Internal,
         }

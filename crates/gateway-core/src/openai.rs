@@ -47,16 +47,16 @@ impl ChatCompletionRequest {
                     None,
                 )
             } else {
-                (
-                    format!("Invalid value for '{path}': {inner}"),
-                    Some(path),
-                )
+                (format!("Invalid value for '{path}': {inner}"), Some(path))
             };
             GatewayError::invalid_request(message, param)
         })?;
-        deserializer
-            .end()
-            .map_err(|err| GatewayError::invalid_request(format!("We could not parse the JSON body of your request: {err}"), None))?;
+        deserializer.end().map_err(|err| {
+            GatewayError::invalid_request(
+                format!("We could not parse the JSON body of your request: {err}"),
+                None,
+            )
+        })?;
         request.validate()?;
         Ok(request)
     }
@@ -264,8 +264,8 @@ mod tests {
 
     #[test]
     fn wrong_type_names_the_field() {
-        let err = ChatCompletionRequest::from_json(br#"{"model":"chat","messages":"hi"}"#)
-            .unwrap_err();
+        let err =
+            ChatCompletionRequest::from_json(br#"{"model":"chat","messages":"hi"}"#).unwrap_err();
         match err {
             GatewayError::InvalidRequest { param, message } => {
                 assert_eq!(param.as_deref(), Some("messages"), "{message}");
@@ -286,7 +286,9 @@ mod tests {
             br#"{"model":"chat","messages":[{"role":"user","content":"x"}],"max_tokens":"ten"}"#,
         )
         .unwrap_err();
-        assert!(matches!(err, GatewayError::InvalidRequest { param: Some(ref p), .. } if p == "max_tokens"));
+        assert!(
+            matches!(err, GatewayError::InvalidRequest { param: Some(ref p), .. } if p == "max_tokens")
+        );
     }
 
     #[test]
@@ -294,12 +296,23 @@ mod tests {
         let err = ChatCompletionRequest::from_json(br#"{"messages":[]}"#).unwrap_err();
         assert!(err.to_string().contains("model"), "{err}");
         let err = ChatCompletionRequest::from_json(b"{not json").unwrap_err();
-        assert!(matches!(err, GatewayError::InvalidRequest { param: None, .. }));
+        assert!(matches!(
+            err,
+            GatewayError::InvalidRequest { param: None, .. }
+        ));
         let err =
             ChatCompletionRequest::from_json(br#"{"model":"chat","messages":[]}"#).unwrap_err();
-        assert!(matches!(err, GatewayError::InvalidRequest { param: Some(ref p), .. } if p == "messages"));
-        let err = ChatCompletionRequest::from_json(br#"{"model":"c","messages":[{"role":"user","content":"x"}]} trailing"#).unwrap_err();
-        assert!(matches!(err, GatewayError::InvalidRequest { param: None, .. }));
+        assert!(
+            matches!(err, GatewayError::InvalidRequest { param: Some(ref p), .. } if p == "messages")
+        );
+        let err = ChatCompletionRequest::from_json(
+            br#"{"model":"c","messages":[{"role":"user","content":"x"}]} trailing"#,
+        )
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            GatewayError::InvalidRequest { param: None, .. }
+        ));
     }
 
     #[test]

@@ -216,8 +216,11 @@ mod tests {
     use std::sync::Mutex;
     use tower::{ServiceExt, service_fn};
 
+    /// request id, status, client aborted, error type
+    type Seen = (String, u16, bool, Option<ErrorType>);
+
     #[derive(Default)]
-    struct Recorder(Mutex<Vec<(String, u16, bool, Option<ErrorType>)>>);
+    struct Recorder(Mutex<Vec<Seen>>);
 
     impl RequestObserver for Recorder {
         fn request_finished(&self, finished: &FinishedRequest<'_>) {
@@ -257,16 +260,19 @@ mod tests {
             .oneshot(Request::new(()))
             .await
             .unwrap();
-        let id = response.headers()[REQUEST_ID_HEADER].to_str().unwrap().to_owned();
+        let id = response.headers()[REQUEST_ID_HEADER]
+            .to_str()
+            .unwrap()
+            .to_owned();
         assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 7);
-        assert!(recorder.0.lock().unwrap().is_empty(), "not before the body is sent");
+        assert!(
+            recorder.0.lock().unwrap().is_empty(),
+            "not before the body is sent"
+        );
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"{}");
         let seen = recorder.0.lock().unwrap().clone();
-        assert_eq!(
-            seen,
-            [(id, 404, false, Some(ErrorType::ModelNotFound))]
-        );
+        assert_eq!(seen, [(id, 404, false, Some(ErrorType::ModelNotFound))]);
     }
 
     #[tokio::test]
@@ -290,14 +296,15 @@ mod tests {
     #[tokio::test]
     async fn dropping_an_unfinished_stream_reports_an_abort() {
         let recorder = Arc::new(Recorder::default());
-        let service = ObserveLayer::new(vec![recorder.clone() as Arc<dyn RequestObserver>])
-            .layer(service_fn(|_request: Request<()>| async move {
+        let service = ObserveLayer::new(vec![recorder.clone() as Arc<dyn RequestObserver>]).layer(
+            service_fn(|_request: Request<()>| async move {
                 let chunks = futures_util::stream::iter(vec![
                     Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"a"))),
                     Ok(Frame::data(Bytes::from_static(b"b"))),
                 ]);
                 Ok::<_, Infallible>(Response::new(StreamBody::new(chunks)))
-            }));
+            }),
+        );
         let response = service.oneshot(Request::new(())).await.unwrap();
         let mut body = response.into_body();
         let first = body.frame().await.unwrap().unwrap();

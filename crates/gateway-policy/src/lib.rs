@@ -10,7 +10,11 @@ use std::time::Duration;
 
 /// Runs `call` with a deadline. On expiry the call's future is dropped, ending the upstream
 /// request, and the caller gets [`GatewayError::UpstreamTimeout`].
-pub async fn with_deadline<T, F>(provider: &str, deadline: Duration, call: F) -> Result<T, GatewayError>
+pub async fn with_deadline<T, F>(
+    provider: &str,
+    deadline: Duration,
+    call: F,
+) -> Result<T, GatewayError>
 where
     F: Future<Output = Result<T, GatewayError>>,
 {
@@ -47,7 +51,10 @@ mod tests {
         .await;
         let err = result.unwrap_err();
         assert_eq!(err.status().as_u16(), 504);
-        assert!(dropped.load(Ordering::SeqCst), "upstream call must be dropped");
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "upstream call must be dropped"
+        );
     }
 
     #[tokio::test(start_paused = true)]

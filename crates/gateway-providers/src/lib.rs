@@ -34,7 +34,10 @@ pub fn build_providers(
     for (index, config) in configs.iter().enumerate() {
         let path = format!("providers[{index}]");
         if config.name.is_empty() {
-            errors.push(ConfigError::new(format!("{path}.name"), "must not be empty"));
+            errors.push(ConfigError::new(
+                format!("{path}.name"),
+                "must not be empty",
+            ));
             continue;
         }
         let built: Result<DynProvider, Vec<ConfigError>> = match config.kind {

@@ -103,7 +103,11 @@ fn answer(call: &ChatCall) -> Result<ChatReply, GatewayError> {
     )?;
     let words: Vec<&str> = text.split_inclusive(' ').collect();
     for word in words {
-        push(chunk(json!({"content": word}), None), StreamEventKind::Delta, None)?;
+        push(
+            chunk(json!({"content": word}), None),
+            StreamEventKind::Delta,
+            None,
+        )?;
     }
     push(chunk(json!({}), Some("stop")), StreamEventKind::Delta, None)?;
     let usage_chunk = json!({
@@ -213,7 +217,9 @@ mod tests {
             .filter(|e| e.kind == StreamEventKind::Delta)
             .filter_map(|e| {
                 let v: serde_json::Value = serde_json::from_slice(&e.data).unwrap();
-                v["choices"][0]["delta"]["content"].as_str().map(str::to_owned)
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_owned)
             })
             .collect();
         assert!(text.ends_with("hello there"), "{text}");

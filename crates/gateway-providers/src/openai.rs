@@ -184,12 +184,11 @@ impl Inner {
             }));
         }
         let body = self.read_body(body, MAX_RESPONSE_BYTES).await?;
-        let summary = CompletionSummary::parse(&body).ok_or_else(|| {
-            GatewayError::UpstreamProtocol {
+        let summary =
+            CompletionSummary::parse(&body).ok_or_else(|| GatewayError::UpstreamProtocol {
                 provider: self.name.clone(),
                 reason: "the completion is not valid JSON".into(),
-            }
-        })?;
+            })?;
         Ok(ChatReply::Complete(CompleteReply {
             body,
             usage: summary.usage,

@@ -88,9 +88,14 @@ mod tests {
     async fn transport_error_becomes_an_upstream_error() {
         let pieces: Vec<Result<Bytes, std::io::Error>> = vec![
             Ok(Bytes::from_static(b"data: {\"choices\":[{}]}\n\n")),
-            Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset")),
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "reset",
+            )),
         ];
-        let events: Vec<_> = openai_events("p".into(), stream::iter(pieces)).collect().await;
+        let events: Vec<_> = openai_events("p".into(), stream::iter(pieces))
+            .collect()
+            .await;
         assert!(events[0].is_ok());
         assert!(matches!(
             events[1],

@@ -103,7 +103,10 @@ impl RoutingTable {
         for (index, model) in models.iter().enumerate() {
             let path = format!("models[{index}]");
             if model.alias.is_empty() {
-                errors.push(ConfigError::new(format!("{path}.alias"), "must not be empty"));
+                errors.push(ConfigError::new(
+                    format!("{path}.alias"),
+                    "must not be empty",
+                ));
             }
             if model.targets.is_empty() {
                 errors.push(ConfigError::new(
@@ -210,7 +213,9 @@ mod tests {
         .unwrap();
         let route = table.resolve("chat").unwrap();
         let picks = 20_000;
-        let to_b = (0..picks).filter(|_| &*route.pick().provider == "b").count();
+        let to_b = (0..picks)
+            .filter(|_| &*route.pick().provider == "b")
+            .count();
         let share = to_b as f64 / picks as f64;
         assert!((share - 0.10).abs() < 0.02, "share to b was {share}");
     }
@@ -218,12 +223,17 @@ mod tests {
     #[test]
     fn pick_at_is_exact_at_boundaries() {
         let table = RoutingTable::build(
-            &[model("chat", &[("a", "m1", 3), ("b", "m2", 0), ("a", "m3", 2)])],
+            &[model(
+                "chat",
+                &[("a", "m1", 3), ("b", "m2", 0), ("a", "m3", 2)],
+            )],
             &providers(),
         )
         .unwrap();
         let route = table.resolve("chat").unwrap();
-        let models: Vec<_> = (0..5).map(|at| route.pick_at(at).model.to_string()).collect();
+        let models: Vec<_> = (0..5)
+            .map(|at| route.pick_at(at).model.to_string())
+            .collect();
         assert_eq!(models, ["m1", "m1", "m1", "m3", "m3"]);
     }
 
@@ -247,7 +257,10 @@ mod tests {
             "models[2].alias",
             "models[2].targets",
         ] {
-            assert!(paths.contains(&expected), "{expected} missing from {paths:?}");
+            assert!(
+                paths.contains(&expected),
+                "{expected} missing from {paths:?}"
+            );
         }
     }
 
