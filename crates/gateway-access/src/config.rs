@@ -1,3 +1,5 @@
+//! The `[server]` and `[[projects]]` config sections.
+
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

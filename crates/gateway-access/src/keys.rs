@@ -1,3 +1,5 @@
+//! Project keys: SHA-256 digests looked up with a constant-time comparison.
+
 use crate::config::ProjectConfig;
 use gateway_core::config::ConfigError;
 use gateway_core::{GatewayError, Principal};

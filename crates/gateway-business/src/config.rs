@@ -1,3 +1,5 @@
+//! The `[database]` config section.
+
 use serde::Deserialize;
 
 /// `[database]`: where usage records go.

@@ -1,3 +1,5 @@
+//! The usage record: one row of `usage_events`, made from a finished request's outcome.
+
 use gateway_core::FinishedRequest;
 use time::OffsetDateTime;
 use uuid::Uuid;

@@ -1,3 +1,5 @@
+//! The usage store: SQLite or Postgres, its embedded migrations, and batched idempotent inserts.
+
 use crate::config::DatabaseConfig;
 use crate::record::UsageRecord;
 use sqlx::migrate::Migrator;

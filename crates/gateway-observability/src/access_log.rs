@@ -1,3 +1,5 @@
+//! The access log: one structured line per finished request.
+
 use gateway_core::{FinishedRequest, RequestObserver};
 
 /// Writes one structured `access` event per finished request.

@@ -1,3 +1,5 @@
+//! The `[observability]` config section.
+
 use serde::Deserialize;
 
 /// `[observability]`: logging.

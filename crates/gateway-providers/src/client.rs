@@ -1,3 +1,5 @@
+//! The shared upstream HTTP client: one keep-alive pool with rustls for every provider.
+
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_rustls::HttpsConnector;

@@ -1,3 +1,5 @@
+//! The `[[providers]]` config section, and `Secret`, which never prints its value.
+
 use serde::Deserialize;
 use std::time::Duration;
 
@@ -19,9 +21,6 @@ pub struct ProviderConfig {
     /// stream. Default 60.
     #[serde(default = "default_timeout_secs")]
     pub timeout_secs: u64,
-    /// Deadline for opening a connection. Default 10.
-    #[serde(default = "default_connect_timeout_secs")]
-    pub connect_timeout_secs: u64,
 }
 
 impl ProviderConfig {
@@ -32,10 +31,6 @@ impl ProviderConfig {
 
 const fn default_timeout_secs() -> u64 {
     60
-}
-
-const fn default_connect_timeout_secs() -> u64 {
-    10
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
