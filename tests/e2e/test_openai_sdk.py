@@ -14,6 +14,7 @@ import uuid
 
 import openai
 import pytest
+from conftest import CLIENT_KEY, UPSTREAM_KEY
 
 MOCK_TEXT = "tok0 tok1 tok2 tok3 tok4 "
 MOCK_COMPLETION_TOKENS = 5
@@ -272,3 +273,25 @@ def test_usage_rows_of_streamed_requests(
     assert row["output_tokens"] == MOCK_COMPLETION_TOKENS
     assert row["input_tokens"] == mock_prompt_tokens(sent_without)
 
+
+
+def test_log_never_holds_keys_or_prompts(gateway, client):
+    """The access log names the request, never what was in it or who holds which key."""
+    prompt = f"confidential-prompt-{uuid.uuid4()}"
+    request_id, _reply, _sent = plain(client, "chat", prompt)
+    wrong_key = f"sk-wrong-{uuid.uuid4()}"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=gateway.base_url, api_key=wrong_key, max_retries=0).models.list()
+
+    deadline = time.monotonic() + USAGE_WAIT_SECS
+    while request_id not in gateway.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = gateway.log.read_text()
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    access = [line for line in lines if line.get("request_id") == request_id]
+    assert len(access) == 1, f"expected one access line for {request_id}"
+    assert access[0]["target"] == "access"
+    assert access[0]["project"] == "e2e" and access[0]["status"] == 200
+    assert access[0]["input_tokens"] > 0 and access[0]["output_tokens"] == MOCK_COMPLETION_TOKENS
+    for secret in (prompt, CLIENT_KEY, UPSTREAM_KEY, wrong_key):
+        assert secret not in log, "a key or a prompt reached the log"

@@ -75,6 +75,9 @@ impl KeyStore {
                 .as_ref()
                 .map(|models| Arc::new(models.iter().cloned().collect::<HashSet<_>>()));
             let tags = Arc::new(project.tags.clone());
+            let tags_json: Arc<str> = serde_json::to_string(&project.tags)
+                .unwrap_or_else(|_| "{}".into())
+                .into();
             let project_name: Arc<str> = project.name.as_str().into();
             let mut key_ids = HashSet::new();
             for (key_index, key) in project.api_keys.iter().enumerate() {
@@ -101,6 +104,7 @@ impl KeyStore {
                     key_id: key.id.as_str().into(),
                     allowed_models: allowed_models.clone(),
                     tags: tags.clone(),
+                    tags_json: tags_json.clone(),
                 };
                 if by_digest
                     .insert(KeyDigestDebug(KeyDigest(digest)), principal)

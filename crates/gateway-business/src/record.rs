@@ -1,6 +1,7 @@
 //! The usage record: one row of `usage_events`, made from a finished request's outcome.
 
 use gateway_core::FinishedRequest;
+use std::sync::Arc;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -9,13 +10,13 @@ use uuid::Uuid;
 pub struct UsageRecord {
     pub request_id: Uuid,
     pub created_at: OffsetDateTime,
-    pub project: Option<String>,
-    pub key_id: Option<String>,
+    pub project: Option<Arc<str>>,
+    pub key_id: Option<Arc<str>>,
     /// The project's tags as a JSON object.
-    pub tags: String,
-    pub alias: Option<String>,
-    pub provider: Option<String>,
-    pub upstream_model: Option<String>,
+    pub tags: Arc<str>,
+    pub alias: Option<Arc<str>>,
+    pub provider: Option<Arc<str>>,
+    pub upstream_model: Option<Arc<str>>,
     pub attempts: i32,
     pub status: i32,
     pub error_type: Option<&'static str>,
@@ -48,14 +49,12 @@ impl UsageRecord {
         Some(Self {
             request_id: finished.context.id.as_uuid(),
             created_at: finished.context.received_at,
-            project: principal.map(|p| p.project.to_string()),
-            key_id: principal.map(|p| p.key_id.to_string()),
-            tags: principal
-                .and_then(|p| serde_json::to_string(&*p.tags).ok())
-                .unwrap_or_else(|| "{}".into()),
-            alias: outcome.alias.as_deref().map(str::to_owned),
-            provider: outcome.provider.as_deref().map(str::to_owned),
-            upstream_model: outcome.upstream_model.as_deref().map(str::to_owned),
+            project: principal.map(|p| p.project.clone()),
+            key_id: principal.map(|p| p.key_id.clone()),
+            tags: principal.map_or_else(|| "{}".into(), |p| p.tags_json.clone()),
+            alias: outcome.alias.clone(),
+            provider: outcome.provider.clone(),
+            upstream_model: outcome.upstream_model.clone(),
             attempts: i32::try_from(outcome.attempts.max(1)).unwrap_or(i32::MAX),
             status: i32::from(finished.status.as_u16()),
             error_type,

@@ -167,22 +167,37 @@ async fn run(
     };
 
     let batch_size = config.batch_size.max(1);
+    let flush_interval = Duration::from_millis(config.flush_interval_ms);
     let mut batch = Vec::with_capacity(batch_size);
-    loop {
-        let received = tokio::select! {
-            received = receiver.recv_many(&mut batch, batch_size) => received,
-            _ = &mut shutdown, if !shutting_down => {
-                shutting_down = true;
-                // No new records; the ones already queued are still received below.
-                receiver.close();
-                continue;
+    let mut open = true;
+    while open {
+        // Wait for a first record, then gather more until the batch is full or the first one
+        // has waited `flush_interval`.
+        let mut deadline = None;
+        while batch.len() < batch_size {
+            let room = batch_size - batch.len();
+            let flush_at = deadline.unwrap_or_else(|| tokio::time::Instant::now() + flush_interval);
+            tokio::select! {
+                received = receiver.recv_many(&mut batch, room) => {
+                    if received == 0 {
+                        open = false;
+                        break;
+                    }
+                    deadline.get_or_insert(flush_at);
+                }
+                () = tokio::time::sleep_until(flush_at), if deadline.is_some() && !shutting_down => break,
+                _ = &mut shutdown, if !shutting_down => {
+                    shutting_down = true;
+                    // No new records; the ones already queued are still received, and the
+                    // deadline no longer applies: write them as fast as they come.
+                    receiver.close();
+                }
             }
-        };
-        if received == 0 {
-            break;
         }
-        write_batch(&store, &batch, &counters).await;
-        batch.clear();
+        if !batch.is_empty() {
+            write_batch(&store, &batch, &counters).await;
+            batch.clear();
+        }
     }
     store.close().await;
 }

@@ -33,6 +33,14 @@ impl RequestId {
     pub fn as_uuid(&self) -> Uuid {
         self.0
     }
+
+    /// The id as a header value, formatted without a heap allocation.
+    pub fn to_header_value(&self) -> http::HeaderValue {
+        let mut buffer = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let text = self.0.hyphenated().encode_lower(&mut buffer);
+        // A hyphenated UUID is 36 ASCII characters, always a valid header value.
+        http::HeaderValue::from_str(text).unwrap_or_else(|_| http::HeaderValue::from_static(""))
+    }
 }
 
 impl std::fmt::Display for RequestId {
@@ -50,6 +58,8 @@ pub struct Principal {
     pub allowed_models: Option<Arc<HashSet<String>>>,
     /// Free-form labels (team, business line) copied into every usage record.
     pub tags: Arc<BTreeMap<String, String>>,
+    /// `tags` as a JSON object, serialised once per config version rather than per request.
+    pub tags_json: Arc<str>,
 }
 
 impl Principal {
@@ -162,6 +172,7 @@ mod tests {
             key_id: "k".into(),
             allowed_models: None,
             tags: Arc::default(),
+            tags_json: "{}".into(),
         };
         assert!(principal.may_use("anything"));
         principal.allowed_models = Some(Arc::new(HashSet::from(["chat".to_string()])));

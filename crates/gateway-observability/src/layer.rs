@@ -2,7 +2,7 @@
 
 use bytes::Buf;
 use gateway_core::{FinishedRequest, RequestContext, RequestId, RequestObserver};
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use std::convert::Infallible;
@@ -107,9 +107,9 @@ where
         let mut finisher = this.finisher.take();
         if let Some(finisher) = finisher.as_mut() {
             finisher.status = parts.status;
-            if let Ok(value) = HeaderValue::from_str(&finisher.context.id.to_string()) {
-                parts.headers.insert(REQUEST_ID_HEADER, value);
-            }
+            parts
+                .headers
+                .insert(REQUEST_ID_HEADER, finisher.context.id.to_header_value());
         }
         // An empty body may never be polled: it is complete as soon as the headers are.
         if body.is_end_stream()

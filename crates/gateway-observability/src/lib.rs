@@ -11,19 +11,25 @@
 mod access_log;
 mod config;
 mod layer;
+mod writer;
 
 pub use access_log::AccessLog;
 pub use config::{LogFormat, ObservabilityConfig};
 pub use layer::{FinishBody, ObserveFuture, ObserveLayer, ObserveService, REQUEST_ID_HEADER};
+pub use writer::{BatchedWriter, LogGuard};
 
-use tracing_appender::non_blocking::WorkerGuard;
+use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global tracing subscriber writing to stdout through a background thread, so a
-/// slow terminal or log pipe never stalls a request. Keep the guard alive until exit: dropping
-/// it flushes the lines still queued. `RUST_LOG`, when set, overrides `config.log_level`.
-pub fn init_tracing(config: &ObservabilityConfig) -> WorkerGuard {
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+/// Installs the global tracing subscriber writing to stdout in batches from a background
+/// thread ([`BatchedWriter`]), so logging never makes a request wait for a write or a thread
+/// wake-up. Keep the guard alive until exit: dropping it writes the lines still buffered.
+/// `RUST_LOG`, when set, overrides `config.log_level`.
+pub fn init_tracing(config: &ObservabilityConfig) -> LogGuard {
+    let (writer, guard) = BatchedWriter::new(
+        std::io::stdout(),
+        Duration::from_millis(config.log_flush_interval_ms.max(1)),
+    );
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(config.log_level.as_str()));
     let builder = tracing_subscriber::fmt()

@@ -144,7 +144,7 @@ impl Inner {
                 }),
             )
             // OpenAI's header for a caller-chosen id: lets a vendor ticket be matched to ours.
-            .header("x-client-request-id", request_id.to_string());
+            .header("x-client-request-id", request_id.to_header_value());
         if !self.authorizations.is_empty() {
             builder = builder.header(
                 AUTHORIZATION,
