@@ -4,10 +4,11 @@ use crate::config::DatabaseConfig;
 use crate::record::UsageRecord;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::query_builder::Separated;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Postgres, QueryBuilder, Sqlite};
+use sqlx::{Encode, Postgres, QueryBuilder, Sqlite, Type};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -91,57 +92,16 @@ impl UsageStore {
         let affected = match self {
             Self::Sqlite(pool) => {
                 let mut query = QueryBuilder::<Sqlite>::new(INSERT_PREFIX);
-                query.push_values(records, |mut row, record| {
-                    row.push_bind(record.request_id.hyphenated().to_string())
-                        .push_bind(rfc3339(record.created_at))
-                        .push_bind(record.project.as_deref())
-                        .push_bind(record.key_id.as_deref())
-                        .push_bind(&*record.tags)
-                        .push_bind(record.alias.as_deref())
-                        .push_bind(record.provider.as_deref())
-                        .push_bind(record.upstream_model.as_deref())
-                        .push_bind(record.attempts)
-                        .push_bind(record.status)
-                        .push_bind(record.error_type)
-                        .push_bind(record.input_tokens)
-                        .push_bind(record.output_tokens)
-                        .push_bind(record.cached_tokens)
-                        .push_bind(record.reasoning_tokens)
-                        .push_bind(record.elapsed_ms)
-                        .push_bind(record.ttft_ms)
-                        .push_bind(record.streamed)
-                        .push_bind(record.client_aborted)
-                        .push_bind(record.vendor_response_id.as_deref())
-                        .push_bind(record.vendor_request_id.as_deref());
+                query.push_values(records, |row, record| {
+                    push_record(row, record, Dialect::Sqlite)
                 });
                 query.push(INSERT_SUFFIX);
                 query.build().execute(pool).await?.rows_affected()
             }
             Self::Postgres(pool) => {
                 let mut query = QueryBuilder::<Postgres>::new(INSERT_PREFIX);
-                query.push_values(records, |mut row, record| {
-                    row.push_bind(record.request_id)
-                        .push_bind(record.created_at)
-                        .push_bind(record.project.as_deref())
-                        .push_bind(record.key_id.as_deref())
-                        .push_bind(&*record.tags)
-                        .push_unseparated("::jsonb")
-                        .push_bind(record.alias.as_deref())
-                        .push_bind(record.provider.as_deref())
-                        .push_bind(record.upstream_model.as_deref())
-                        .push_bind(record.attempts)
-                        .push_bind(record.status)
-                        .push_bind(record.error_type)
-                        .push_bind(record.input_tokens)
-                        .push_bind(record.output_tokens)
-                        .push_bind(record.cached_tokens)
-                        .push_bind(record.reasoning_tokens)
-                        .push_bind(record.elapsed_ms)
-                        .push_bind(record.ttft_ms)
-                        .push_bind(record.streamed)
-                        .push_bind(record.client_aborted)
-                        .push_bind(record.vendor_response_id.as_deref())
-                        .push_bind(record.vendor_request_id.as_deref());
+                query.push_values(records, |row, record| {
+                    push_record(row, record, Dialect::Postgres)
                 });
                 query.push(INSERT_SUFFIX);
                 query.build().execute(pool).await?.rows_affected()
@@ -164,7 +124,60 @@ const INSERT_PREFIX: &str = "INSERT INTO usage_events (request_id, created_at, p
     client_aborted, vendor_response_id, vendor_request_id) ";
 const INSERT_SUFFIX: &str = " ON CONFLICT (request_id) DO NOTHING";
 
-/// SQLite has no timestamp type; RFC 3339 in UTC sorts and compares as text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// Binds one record's values. Both stores get the same Rust types; Postgres casts the id,
+/// time and tags to its own types in SQL, so a single function serves both.
+fn push_record<'args, DB>(
+    mut row: Separated<'_, 'args, DB, &'static str>,
+    record: &'args UsageRecord,
+    dialect: Dialect,
+) where
+    DB: sqlx::Database,
+    String: Encode<'args, DB> + Type<DB>,
+    &'args str: Encode<'args, DB> + Type<DB>,
+    Option<&'args str>: Encode<'args, DB> + Type<DB>,
+    i32: Encode<'args, DB> + Type<DB>,
+    Option<i64>: Encode<'args, DB> + Type<DB>,
+    f64: Encode<'args, DB> + Type<DB>,
+    Option<f64>: Encode<'args, DB> + Type<DB>,
+    bool: Encode<'args, DB> + Type<DB>,
+{
+    let cast = |sql_type: &'static str| match dialect {
+        Dialect::Sqlite => "",
+        Dialect::Postgres => sql_type,
+    };
+    row.push_bind(record.request_id.hyphenated().to_string())
+        .push_unseparated(cast("::uuid"))
+        .push_bind(rfc3339(record.created_at))
+        .push_unseparated(cast("::timestamptz"))
+        .push_bind(record.project.as_deref())
+        .push_bind(record.key_id.as_deref())
+        .push_bind(&*record.tags)
+        .push_unseparated(cast("::jsonb"))
+        .push_bind(record.alias.as_deref())
+        .push_bind(record.provider.as_deref())
+        .push_bind(record.upstream_model.as_deref())
+        .push_bind(record.attempts)
+        .push_bind(record.status)
+        .push_bind(record.error_type)
+        .push_bind(record.input_tokens)
+        .push_bind(record.output_tokens)
+        .push_bind(record.cached_tokens)
+        .push_bind(record.reasoning_tokens)
+        .push_bind(record.elapsed_ms)
+        .push_bind(record.ttft_ms)
+        .push_bind(record.streamed)
+        .push_bind(record.client_aborted)
+        .push_bind(record.vendor_response_id.as_deref())
+        .push_bind(record.vendor_request_id.as_deref());
+}
+
+/// RFC 3339 in UTC: sorts and compares as text in SQLite, casts to `timestamptz` in Postgres.
 fn rfc3339(at: time::OffsetDateTime) -> String {
     at.to_offset(time::UtcOffset::UTC)
         .format(&time::format_description::well_known::Rfc3339)

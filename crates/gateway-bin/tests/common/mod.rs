@@ -8,7 +8,6 @@
 use futures_util::StreamExt;
 use gateway_bin::{GatewayConfig, RunningGateway};
 use gateway_test_support::MockUpstream;
-use sqlx::Row;
 use std::path::PathBuf;
 
 pub const CLIENT_KEY: &str = "sk-test-client";
@@ -138,7 +137,7 @@ impl Harness {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct UsageRow {
     pub request_id: String,
     pub project: Option<String>,
@@ -163,60 +162,19 @@ const SELECT: &str = "SELECT request_id, project, key_id, tags, alias, provider,
     vendor_response_id, vendor_request_id FROM usage_events";
 
 pub async fn read_usage(database_url: &str) -> Vec<UsageRow> {
+    // Postgres decodes strictly by type; casting there lets one row type serve both stores.
     if database_url.starts_with("sqlite:") {
         let pool = sqlx::SqlitePool::connect(database_url).await.unwrap();
-        let rows = sqlx::query(SELECT).fetch_all(&pool).await.unwrap();
-        let rows = rows
-            .iter()
-            .map(|row| UsageRow {
-                request_id: row.get(0),
-                project: row.get(1),
-                key_id: row.get(2),
-                tags: row.get(3),
-                alias: row.get(4),
-                provider: row.get(5),
-                upstream_model: row.get(6),
-                status: row.get(7),
-                error_type: row.get(8),
-                input_tokens: row.get(9),
-                output_tokens: row.get(10),
-                ttft_ms: row.get(11),
-                streamed: row.get(12),
-                client_aborted: row.get(13),
-                vendor_response_id: row.get(14),
-                vendor_request_id: row.get(15),
-            })
-            .collect();
+        let rows = sqlx::query_as(SELECT).fetch_all(&pool).await.unwrap();
         pool.close().await;
         rows
     } else {
-        let pool = sqlx::PgPool::connect(database_url).await.unwrap();
         let query = SELECT
             .replace("request_id,", "request_id::text,")
             .replace("tags,", "tags::text,")
             .replace("status,", "status::bigint,");
-        let rows = sqlx::query(&query).fetch_all(&pool).await.unwrap();
-        let rows = rows
-            .iter()
-            .map(|row| UsageRow {
-                request_id: row.get(0),
-                project: row.get(1),
-                key_id: row.get(2),
-                tags: row.get(3),
-                alias: row.get(4),
-                provider: row.get(5),
-                upstream_model: row.get(6),
-                status: row.get(7),
-                error_type: row.get(8),
-                input_tokens: row.get(9),
-                output_tokens: row.get(10),
-                ttft_ms: row.get(11),
-                streamed: row.get(12),
-                client_aborted: row.get(13),
-                vendor_response_id: row.get(14),
-                vendor_request_id: row.get(15),
-            })
-            .collect();
+        let pool = sqlx::PgPool::connect(database_url).await.unwrap();
+        let rows = sqlx::query_as(&query).fetch_all(&pool).await.unwrap();
         pool.close().await;
         rows
     }
