@@ -139,9 +139,9 @@ impl KeyStore {
         self.projects
     }
 
-    /// Finds the caller of a request from its `Authorization: Bearer KEY` header.
+    /// Finds the caller of a request from the key it presents.
     pub fn authenticate(&self, headers: &http::HeaderMap) -> Result<Principal, GatewayError> {
-        let secret = bearer_token(headers)?;
+        let secret = presented_key(headers)?;
         let digest = KeyDigest(Sha256::digest(secret).into());
         self.by_digest
             .get(&KeyDigestDebug(digest))
@@ -152,21 +152,34 @@ impl KeyStore {
     }
 }
 
-fn bearer_token(headers: &http::HeaderMap) -> Result<&[u8], GatewayError> {
-    let value = headers
-        .get(http::header::AUTHORIZATION)
-        .ok_or(GatewayError::Unauthorized {
-            message: "You didn't provide an API key. Send it as `Authorization: Bearer KEY`.",
-        })?
-        .as_bytes();
+/// The caller's key: `Authorization: Bearer KEY` (OpenAI clients), `x-api-key` (Anthropic
+/// clients) or `api-key` (Azure OpenAI clients), in that order.
+fn presented_key(headers: &http::HeaderMap) -> Result<&[u8], GatewayError> {
+    if let Some(value) = headers.get(http::header::AUTHORIZATION) {
+        return bearer_token(value.as_bytes());
+    }
+    for name in ["x-api-key", "api-key"] {
+        if let Some(value) = headers.get(name) {
+            let key = value.as_bytes().trim_ascii();
+            if key.is_empty() {
+                break;
+            }
+            return Ok(key);
+        }
+    }
+    Err(GatewayError::Unauthorized {
+        message: "You didn't provide an API key. Send it as `Authorization: Bearer KEY` (or `x-api-key: KEY`).",
+    })
+}
+
+fn bearer_token(value: &[u8]) -> Result<&[u8], GatewayError> {
     let scheme_len = b"bearer ".len();
-    let token = (value.len() > scheme_len && value[..scheme_len].eq_ignore_ascii_case(b"bearer "))
+    (value.len() > scheme_len && value[..scheme_len].eq_ignore_ascii_case(b"bearer "))
         .then(|| value[scheme_len..].trim_ascii())
         .filter(|token| !token.is_empty())
         .ok_or(GatewayError::Unauthorized {
             message: "Malformed Authorization header. Send it as `Authorization: Bearer KEY`.",
-        })?;
-    Ok(token)
+        })
 }
 
 #[cfg(test)]
@@ -239,6 +252,22 @@ mod tests {
         }
         let err = store.authenticate(&http::HeaderMap::new()).unwrap_err();
         assert_eq!(err.status(), http::StatusCode::UNAUTHORIZED);
+    }
+
+    #[test]
+    fn accepts_anthropic_and_azure_key_headers() {
+        let store = KeyStore::build(&[project("a", &[("a1", "sk-a1")], None)]).unwrap();
+        for name in ["x-api-key", "api-key"] {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(name, "sk-a1".parse().unwrap());
+            assert_eq!(&*store.authenticate(&headers).unwrap().key_id, "a1", "{name}");
+            headers.insert(name, "sk-nope".parse().unwrap());
+            assert!(store.authenticate(&headers).is_err(), "{name}");
+        }
+        // An Authorization header wins: a wrong bearer is not rescued by another header.
+        let mut headers = headers("Bearer sk-wrong");
+        headers.insert("x-api-key", "sk-a1".parse().unwrap());
+        assert!(store.authenticate(&headers).is_err());
     }
 
     #[test]

@@ -246,8 +246,31 @@ async fn chat_completions(
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let (context, principal, snapshot) = request_parts(&request)?;
     let body = read_body(request, state.max_body_bytes).await?;
-    let mut chat = ChatCompletionRequest::from_json(&body)?;
+    let chat = ChatCompletionRequest::from_json(&body)?;
+    let client_wants_usage = chat.client_wants_stream_usage();
 
+    match route_and_call(&context, &principal, &snapshot, chat).await? {
+        ChatReply::Complete(reply) => {
+            note_complete(&context, &reply);
+            Ok(json_response(StatusCode::OK, reply.body))
+        }
+        ChatReply::Stream(reply) => {
+            context.outcome().vendor_request_id = reply.vendor_request_id;
+            let frames = sse_frames(reply.events, context, client_wants_usage);
+            Ok(sse_response(UnsyncBoxBody::new(StreamBody::new(frames))))
+        }
+    }
+}
+
+/// The part of every chat-shaped endpoint after parsing: resolve the alias (routing), pick a
+/// target, call its provider under the provider's deadline (policy), and note all of it in the
+/// request's outcome.
+async fn route_and_call(
+    context: &RequestContext,
+    principal: &Principal,
+    snapshot: &Snapshot,
+    mut chat: ChatCompletionRequest,
+) -> Result<ChatReply, GatewayError> {
     // From here on the request is billable or auditable: it gets a usage record even if the
     // alias turns out not to exist.
     {
@@ -273,7 +296,6 @@ async fn chat_completions(
             GatewayError::Internal(format!("provider `{}` is not built", target.provider))
         })?
         .clone();
-    let client_wants_usage = chat.client_wants_stream_usage();
     {
         let mut outcome = context.outcome();
         outcome.alias = Some(route.alias.clone());
@@ -282,38 +304,48 @@ async fn chat_completions(
         outcome.attempts = 1;
     }
     chat.model = target.model.to_string();
-
     let call = ChatCall {
         request: chat,
         request_id: context.id,
     };
-    let reply =
-        gateway_policy::with_deadline(provider.name(), provider.timeout(), provider.chat(call))
-            .await?;
+    gateway_policy::with_deadline(provider.name(), provider.timeout(), provider.chat(call)).await
+}
 
-    match reply {
-        ChatReply::Complete(reply) => {
-            {
-                let mut outcome = context.outcome();
-                outcome.usage = reply.usage;
-                outcome.vendor_response_id = reply.vendor_response_id;
-                outcome.vendor_request_id = reply.vendor_request_id;
-                outcome.time_to_first_token = Some(context.elapsed());
-            }
-            Ok(json_response(StatusCode::OK, reply.body))
-        }
-        ChatReply::Stream(reply) => {
-            context.outcome().vendor_request_id = reply.vendor_request_id;
-            let frames = sse_frames(reply.events, context, client_wants_usage);
-            let mut response = Response::new(UnsyncBoxBody::new(StreamBody::new(frames)));
-            let headers = response.headers_mut();
-            headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-            headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            // Tells nginx-style proxies in front of us not to buffer the stream.
-            headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-            Ok(response)
-        }
+fn note_complete(context: &RequestContext, reply: &gateway_core::provider::CompleteReply) {
+    let mut outcome = context.outcome();
+    outcome.usage = reply.usage;
+    outcome
+        .vendor_response_id
+        .clone_from(&reply.vendor_response_id);
+    outcome
+        .vendor_request_id
+        .clone_from(&reply.vendor_request_id);
+    outcome.time_to_first_token = Some(context.elapsed());
+}
+
+/// Notes what a stream event tells about the request: time to first token, usage, the
+/// vendor's response id.
+fn note_event(context: &RequestContext, event: &StreamEvent) {
+    let mut outcome = context.outcome();
+    if outcome.time_to_first_token.is_none() && event.kind == StreamEventKind::Delta {
+        outcome.time_to_first_token = Some(context.elapsed());
     }
+    if event.usage.is_some() {
+        outcome.usage = event.usage;
+    }
+    if outcome.vendor_response_id.is_none() {
+        outcome.vendor_response_id.clone_from(&event.response_id);
+    }
+}
+
+fn sse_response(body: ResponseBody) -> Response<ResponseBody> {
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Tells nginx-style proxies in front of us not to buffer the stream.
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
 }
 
 /// Forwards vendor events to the client one frame per event, as they arrive, noting usage and
@@ -337,18 +369,7 @@ fn sse_frames(
             }
             let frame = match event {
                 Ok(event) => {
-                    let mut outcome = context.outcome();
-                    if outcome.time_to_first_token.is_none()
-                        && event.kind == StreamEventKind::Delta
-                    {
-                        outcome.time_to_first_token = Some(context.elapsed());
-                    }
-                    if event.usage.is_some() {
-                        outcome.usage = event.usage;
-                    }
-                    if outcome.vendor_response_id.is_none() {
-                        outcome.vendor_response_id = event.response_id.clone();
-                    }
+                    note_event(&context, &event);
                     *ended = event.kind == StreamEventKind::Done;
                     let forward = event.kind != StreamEventKind::UsageOnly || client_wants_usage;
                     forward.then(|| sse_frame(&event.data))

@@ -189,6 +189,12 @@ impl Usage {
             .unwrap_or(0)
     }
 
+    pub fn cache_write_tokens(&self) -> u64 {
+        self.prompt_tokens_details
+            .and_then(|details| details.cache_write_tokens)
+            .unwrap_or(0)
+    }
+
     pub fn reasoning_tokens(&self) -> u64 {
         self.completion_tokens_details
             .and_then(|details| details.reasoning_tokens)
@@ -198,8 +204,13 @@ impl Usage {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub struct PromptTokensDetails {
+    /// Prompt tokens read from the vendor's cache (billed at the cached-input price).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cached_tokens: Option<u64>,
+    /// Prompt tokens written to the vendor's cache (Anthropic's `cache_creation_input_tokens`,
+    /// billed at the cache-write price). Not an OpenAI field; OpenAI clients ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_tokens: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]

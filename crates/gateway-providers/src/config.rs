@@ -17,6 +17,9 @@ pub struct ProviderConfig {
     /// Vendor keys, used round-robin. Usually `${ENV_VAR}` references.
     #[serde(default)]
     pub api_keys: Vec<Secret>,
+    /// Azure OpenAI only: the `api-version` query parameter (e.g. `2024-10-21`). Required there.
+    #[serde(default)]
+    pub api_version: Option<String>,
     /// Deadline for one upstream call: the whole response, or the response headers of a
     /// stream. Default 60.
     #[serde(default = "default_timeout_secs")]
@@ -40,6 +43,19 @@ pub enum ProviderKind {
     Mock,
     /// Any OpenAI-compatible API (OpenAI, OpenRouter, vLLM, Ollama, relays...).
     Openai,
+    /// Azure OpenAI: `{base}/openai/deployments/{model}/...?api-version=..`, `api-key` header.
+    /// A target's `model` is the deployment name.
+    Azure,
+}
+
+impl ProviderKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Mock => "mock",
+            Self::Openai => "openai",
+            Self::Azure => "azure",
+        }
+    }
 }
 
 /// A secret string whose `Debug` never shows it, so it cannot leak into a log by accident.

@@ -5,8 +5,11 @@
 //! pool with rustls and `TCP_NODELAY`, kept across config reloads) and one module per provider
 //! kind. It knows nothing of aliases, projects or billing.
 
+pub mod anthropic;
 mod client;
 mod config;
+pub mod gemini;
+mod http;
 mod mock;
 mod openai;
 mod sse;
@@ -42,8 +45,10 @@ pub fn build_providers(
         }
         let built: Result<DynProvider, Vec<ConfigError>> = match config.kind {
             ProviderKind::Mock => Ok(Arc::new(MockProvider::new(config))),
-            ProviderKind::Openai => OpenAiProvider::new(config, client, &path)
-                .map(|provider| Arc::new(provider) as DynProvider),
+            ProviderKind::Openai | ProviderKind::Azure => {
+                OpenAiProvider::new(config, client, &path)
+                    .map(|provider| Arc::new(provider) as DynProvider)
+            }
         };
         match built {
             Ok(provider) => {

@@ -1,11 +1,16 @@
-//! `kind = "openai"`: OpenAI and every OpenAI-compatible API.
+//! `kind = "openai"`: OpenAI and every OpenAI-compatible API; `kind = "azure"`: Azure OpenAI,
+//! the same wire format behind deployment URLs and an `api-key` header.
 //!
 //! The request is forwarded as the client sent it, with only `model` replaced (and, for
 //! streams, `stream_options.include_usage` switched on so every stream can be billed). The
 //! response body is forwarded unchanged; the gateway only reads its `id` and `usage`.
 
 use crate::client::{HyperClient, UpstreamClient};
-use crate::config::ProviderConfig;
+use crate::config::{ProviderConfig, ProviderKind};
+use crate::http::{
+    MAX_ERROR_BYTES, MAX_RESPONSE_BYTES, endpoints, header_string, is_url_safe, read_body,
+    sensitive_values, unavailable,
+};
 use crate::sse::openai_events;
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -16,16 +21,16 @@ use gateway_core::openai::CompletionSummary;
 use gateway_core::provider::{ChatCall, ChatProvider, ChatReply, CompleteReply, StreamReply};
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Uri};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Full};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-/// Largest vendor body read whole (a non-streamed completion or an error).
-const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
-/// Error bodies are only relayed; a few kilobytes carry the message.
-const MAX_ERROR_BYTES: usize = 1024 * 1024;
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Flavour {
+    OpenAi,
+    Azure { api_version: String },
+}
 
 #[derive(Debug, Clone)]
 pub struct OpenAiProvider {
@@ -35,8 +40,11 @@ pub struct OpenAiProvider {
 #[derive(Debug)]
 struct Inner {
     name: String,
+    flavour: Flavour,
+    /// OpenAI: the chat completions URLs. Azure: the base URLs (the deployment is per call).
     endpoints: Vec<Uri>,
-    /// Ready-made `Bearer KEY` values, marked sensitive so hyper never logs them.
+    /// Ready-made auth header values (`Bearer KEY`, or Azure's bare key), marked sensitive so
+    /// hyper never logs them.
     authorizations: Vec<HeaderValue>,
     next: AtomicUsize,
     timeout: Duration,
@@ -50,44 +58,50 @@ impl OpenAiProvider {
         path: &str,
     ) -> Result<Self, Vec<ConfigError>> {
         let mut errors = Vec::new();
-        if config.base_urls.is_empty() {
-            errors.push(ConfigError::new(
-                format!("{path}.base_urls"),
-                "an openai provider needs at least one base URL",
-            ));
-        }
-        let mut endpoints = Vec::new();
-        for (index, base) in config.base_urls.iter().enumerate() {
-            let url = format!("{}/chat/completions", base.trim_end_matches('/'));
-            match url.parse::<Uri>() {
-                Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) => {
-                    endpoints.push(uri);
+        let flavour = match config.kind {
+            ProviderKind::Azure => match config.api_version.as_deref() {
+                Some(version) if is_url_safe(version) => Flavour::Azure {
+                    api_version: version.to_owned(),
+                },
+                Some(_) => {
+                    errors.push(ConfigError::new(
+                        format!("{path}.api_version"),
+                        "may only contain letters, digits, `-`, `_` and `.`",
+                    ));
+                    Flavour::OpenAi
                 }
-                _ => errors.push(ConfigError::new(
-                    format!("{path}.base_urls[{index}]"),
-                    format!("`{base}` is not an http(s) URL"),
-                )),
-            }
-        }
-        let mut authorizations = Vec::new();
-        for (index, key) in config.api_keys.iter().enumerate() {
-            match HeaderValue::from_str(&format!("Bearer {}", key.expose())) {
-                Ok(mut value) => {
-                    value.set_sensitive(true);
-                    authorizations.push(value);
+                None => {
+                    errors.push(ConfigError::new(
+                        format!("{path}.api_version"),
+                        "an azure provider needs an api_version (e.g. \"2024-10-21\")",
+                    ));
+                    Flavour::OpenAi
                 }
-                Err(_) => errors.push(ConfigError::new(
-                    format!("{path}.api_keys[{index}]"),
-                    "contains characters not allowed in an HTTP header",
-                )),
-            }
-        }
+            },
+            _ => Flavour::OpenAi,
+        };
+        let suffix = match flavour {
+            Flavour::OpenAi => "/chat/completions",
+            // The deployment is part of the path, so the rest is built per call.
+            Flavour::Azure { .. } => "",
+        };
+        let endpoints = endpoints(config, path, suffix, &mut errors);
+        let authorizations = sensitive_values(
+            config,
+            path,
+            |key| match flavour {
+                Flavour::OpenAi => format!("Bearer {key}"),
+                Flavour::Azure { .. } => key.to_owned(),
+            },
+            &mut errors,
+        );
         if !errors.is_empty() {
             return Err(errors);
         }
         Ok(Self {
             inner: Arc::new(Inner {
                 name: config.name.clone(),
+                flavour,
                 endpoints,
                 authorizations,
                 next: AtomicUsize::new(0),
@@ -130,10 +144,34 @@ impl Inner {
             .map_err(|err| GatewayError::Internal(format!("encoding the request: {err}")))?;
 
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
-        let endpoint = &self.endpoints[turn % self.endpoints.len()];
+        let base = &self.endpoints[turn % self.endpoints.len()];
+        let endpoint = match &self.flavour {
+            Flavour::OpenAi => base.clone(),
+            Flavour::Azure { api_version } => {
+                // The deployment comes from the routing config, never from the client, but a
+                // name that would change the URL's shape is still refused.
+                if !is_url_safe(&request.model) {
+                    return Err(GatewayError::Internal(format!(
+                        "azure deployment name `{}` is not URL-safe",
+                        request.model
+                    )));
+                }
+                format!(
+                    "{}/openai/deployments/{}/chat/completions?api-version={api_version}",
+                    base.to_string().trim_end_matches('/'),
+                    request.model
+                )
+                .parse::<Uri>()
+                .map_err(|err| GatewayError::Internal(format!("azure URL: {err}")))?
+            }
+        };
+        let auth_header = match self.flavour {
+            Flavour::OpenAi => AUTHORIZATION,
+            Flavour::Azure { .. } => http::header::HeaderName::from_static("api-key"),
+        };
         let mut builder = Request::builder()
             .method(Method::POST)
-            .uri(endpoint.clone())
+            .uri(endpoint)
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .header(
                 ACCEPT,
@@ -147,7 +185,7 @@ impl Inner {
             .header("x-client-request-id", request_id.to_header_value());
         if !self.authorizations.is_empty() {
             builder = builder.header(
-                AUTHORIZATION,
+                auth_header,
                 self.authorizations[turn % self.authorizations.len()].clone(),
             );
         }
@@ -159,17 +197,13 @@ impl Inner {
             .client
             .request(upstream_request)
             .await
-            .map_err(|err| self.unavailable(&err))?;
+            .map_err(|err| unavailable(&self.name, &err))?;
         let status = response.status();
-        let vendor_request_id = response
-            .headers()
-            .get("x-request-id")
-            .and_then(|value| value.to_str().ok())
-            .map(str::to_owned);
+        let vendor_request_id = header_string(response.headers(), "x-request-id");
         let body = response.into_body();
 
         if !status.is_success() {
-            let body = self.read_body(body, MAX_ERROR_BYTES).await?;
+            let body = read_body(&self.name, body, MAX_ERROR_BYTES).await?;
             return Err(GatewayError::UpstreamStatus {
                 provider: self.name.clone(),
                 status,
@@ -183,7 +217,7 @@ impl Inner {
                 events,
             }));
         }
-        let body = self.read_body(body, MAX_RESPONSE_BYTES).await?;
+        let body = read_body(&self.name, body, MAX_RESPONSE_BYTES).await?;
         let summary =
             CompletionSummary::parse(&body).ok_or_else(|| GatewayError::UpstreamProtocol {
                 provider: self.name.clone(),
@@ -196,31 +230,27 @@ impl Inner {
             vendor_request_id,
         }))
     }
+}
 
-    async fn read_body(&self, body: Incoming, limit: usize) -> Result<Bytes, GatewayError> {
-        Limited::new(body, limit)
-            .collect()
-            .await
-            .map(http_body_util::Collected::to_bytes)
-            .map_err(|err| GatewayError::UpstreamUnavailable {
-                provider: self.name.clone(),
-                reason: format!("reading the response: {err}"),
-            })
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    fn unavailable(&self, err: &hyper_util::client::legacy::Error) -> GatewayError {
-        // The legacy client's error hides its cause behind `source()`; the chain says what
-        // actually failed (refused, reset, DNS, TLS).
-        let mut reason = err.to_string();
-        let mut source = std::error::Error::source(err);
-        while let Some(cause) = source {
-            reason.push_str(": ");
-            reason.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        GatewayError::UpstreamUnavailable {
-            provider: self.name.clone(),
-            reason,
+    #[test]
+    fn azure_needs_a_url_safe_api_version() {
+        let client = UpstreamClient::new(Duration::from_secs(1)).unwrap();
+        let config = |version: Option<&str>| ProviderConfig {
+            name: "az".into(),
+            kind: ProviderKind::Azure,
+            base_urls: vec!["https://example.openai.azure.com".into()],
+            api_keys: vec![crate::Secret::new("k")],
+            api_version: version.map(str::to_owned),
+            timeout_secs: 60,
+        };
+        assert!(OpenAiProvider::new(&config(Some("2024-10-21")), &client, "p").is_ok());
+        for bad in [None, Some("2024&x=1")] {
+            let errors = OpenAiProvider::new(&config(bad), &client, "providers[0]").unwrap_err();
+            assert_eq!(errors[0].path, "providers[0].api_version");
         }
     }
 }

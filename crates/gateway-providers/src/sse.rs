@@ -44,6 +44,78 @@ where
     })
 }
 
+/// A vendor's stream translator: SSE events in, OpenAI events out.
+pub(crate) trait EventTranslator: Send + 'static {
+    /// One SSE event (its `event:` name, empty when absent, and its `data:`).
+    fn push(&mut self, event: &str, data: &str) -> Result<Vec<StreamEvent>, GatewayError>;
+
+    /// The upstream body ended cleanly: whatever the translator still owes the client.
+    fn finish(&mut self) -> Vec<StreamEvent> {
+        Vec::new()
+    }
+}
+
+struct Translating<E, T> {
+    provider: String,
+    events: E,
+    translator: T,
+    pending: std::collections::VecDeque<StreamEvent>,
+    done: bool,
+}
+
+/// Runs a vendor's SSE body through `translator`, yielding OpenAI events as they are produced.
+/// A transport failure or a translator error ends the stream with that error.
+pub(crate) fn translated_events<S, E, T>(
+    provider: String,
+    body: S,
+    translator: T,
+) -> impl Stream<Item = Result<StreamEvent, GatewayError>> + Send + 'static
+where
+    S: Stream<Item = Result<Bytes, E>> + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+    T: EventTranslator,
+{
+    let state = Translating {
+        provider,
+        events: Box::pin(body.eventsource()),
+        translator,
+        pending: std::collections::VecDeque::new(),
+        done: false,
+    };
+    futures_util::stream::unfold(state, |mut state| async move {
+        loop {
+            if let Some(event) = state.pending.pop_front() {
+                return Some((Ok(event), state));
+            }
+            if state.done {
+                return None;
+            }
+            match state.events.next().await {
+                Some(Ok(event)) => match state.translator.push(&event.event, &event.data) {
+                    Ok(events) => state.pending.extend(events),
+                    Err(err) => {
+                        state.done = true;
+                        return Some((Err(err), state));
+                    }
+                },
+                Some(Err(err)) => {
+                    state.done = true;
+                    let err = GatewayError::UpstreamUnavailable {
+                        provider: state.provider.clone(),
+                        reason: format!("stream interrupted: {err}"),
+                    };
+                    return Some((Err(err), state));
+                }
+                None => {
+                    state.done = true;
+                    let rest = state.translator.finish();
+                    state.pending.extend(rest);
+                }
+            }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,6 +154,63 @@ mod tests {
         );
         assert_eq!(events[2].usage.unwrap().completion_tokens, 3);
         assert_eq!(events[0].response_id.as_deref(), Some("c1"));
+    }
+
+    /// Upper-cases text deltas and says goodbye at the end: enough to see the plumbing.
+    struct Shouting;
+
+    impl EventTranslator for Shouting {
+        fn push(&mut self, event: &str, data: &str) -> Result<Vec<StreamEvent>, GatewayError> {
+            if event == "fail" {
+                return Err(GatewayError::Internal("told to fail".into()));
+            }
+            Ok(vec![StreamEvent {
+                data: Bytes::from(data.to_uppercase()),
+                kind: StreamEventKind::Delta,
+                usage: None,
+                response_id: None,
+            }])
+        }
+
+        fn finish(&mut self) -> Vec<StreamEvent> {
+            vec![StreamEvent::done()]
+        }
+    }
+
+    fn wire(text: &'static str) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
+        stream::iter(
+            text.as_bytes()
+                .chunks(5)
+                .map(|chunk| Ok(Bytes::copy_from_slice(chunk)))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    #[tokio::test]
+    async fn translator_sees_named_events_and_finishes() {
+        let events: Vec<_> = translated_events(
+            "p".into(),
+            wire("event: a\ndata: one\n\ndata: two\n\n"),
+            Shouting,
+        )
+        .map(Result::unwrap)
+        .collect()
+        .await;
+        let data: Vec<_> = events.iter().map(|e| e.data.clone()).collect();
+        assert_eq!(data, ["ONE", "TWO", "[DONE]"]);
+    }
+
+    #[tokio::test]
+    async fn translator_error_ends_the_stream() {
+        let events: Vec<_> = translated_events(
+            "p".into(),
+            wire("data: one\n\nevent: fail\ndata: x\n\ndata: never\n\n"),
+            Shouting,
+        )
+        .collect()
+        .await;
+        assert_eq!(events.len(), 2);
+        assert!(events[1].is_err());
     }
 
     #[tokio::test]

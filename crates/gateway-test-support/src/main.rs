@@ -1,7 +1,9 @@
-//! `mock-upstream`: the mock OpenAI upstream as a process, for tests not written in Rust.
+//! `mock-upstream`: the mock upstream (OpenAI, Azure OpenAI, Anthropic, Gemini) as a process,
+//! for tests not written in Rust.
 //!
 //! It prints exactly one line, `listening http://127.0.0.1:PORT/v1`, once the socket is bound,
-//! so a harness that passed `--port 0` learns the port without racing the bind.
+//! so a harness that passed `--port 0` learns the port without racing the bind. The other
+//! formats live on the same port (see the library docs for their paths).
 
 use clap::Parser;
 use gateway_test_support::{Behaviour, MockUpstream};
@@ -12,7 +14,7 @@ use std::process::ExitCode;
 #[derive(Debug, Parser)]
 #[command(
     name = "mock-upstream",
-    about = "A mock OpenAI-compatible upstream that misbehaves on demand"
+    about = "A mock OpenAI, Azure OpenAI, Anthropic and Gemini upstream that misbehaves on demand"
 )]
 struct Args {
     /// Port on 127.0.0.1; 0 picks a free one.

@@ -1,7 +1,7 @@
 //! The server: socket, connections, routing, and the state tests inspect.
 
 use crate::behaviour::Behaviour;
-use crate::chat;
+use crate::endpoint::{self, Endpoint};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
@@ -26,33 +26,53 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Not `Sync`: stream bodies hold futures, and hyper never shares a body between threads.
 pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
 
-/// How many chat requests [`MockUpstream::requests`] keeps.
+/// How many requests [`MockUpstream::requests`] keeps.
 const MAX_RECORDED: usize = 1000;
 /// Request bodies above this are refused: a runaway test should fail, not eat the memory.
 const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
 /// Counters since start (or the last reset).
+///
+/// Every stream that started ends in exactly one of `streams_completed`, `streams_aborted`,
+/// `resets` or `stream_errors`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct MockStats {
     /// Every request except those to the `/mock/*` control endpoints, which would otherwise
     /// count themselves when a test reads the stats over HTTP.
     pub requests: u64,
-    /// `POST /v1/chat/completions`, malformed ones included.
+    /// Chat requests in every format (OpenAI and Azure chat completions, Anthropic messages,
+    /// Gemini `generateContent` and `streamGenerateContent`), rejected and malformed ones
+    /// included.
     pub chat_requests: u64,
     pub streams_started: u64,
-    /// Streams whose `data: [DONE]` was handed to the connection.
+    /// Streams whose last event (`data: [DONE]`, `message_stop`, Gemini's finishing payload)
+    /// was handed to the connection.
     pub streams_completed: u64,
     /// Streams dropped before the end: the client went away (or the server was shut down).
     pub streams_aborted: u64,
     /// Streams the mock deliberately aborted (`reset_after_chunks`).
     pub resets: u64,
+    /// Embedding requests in every format (OpenAI, Azure, Gemini), rejected and malformed
+    /// ones included.
+    pub embedding_requests: u64,
+    /// Image inputs seen in well-formed requests: OpenAI `image_url` parts, Anthropic `image`
+    /// blocks, Gemini `inlineData` and `fileData` parts.
+    pub images_seen: u64,
+    /// Answers that were a tool call, plain or streamed.
+    pub tool_calls: u64,
+    /// Streams ended with the vendor's in-band error event (`stream_error_after_chunks`).
+    pub stream_errors: u64,
 }
 
-/// One chat request as the mock received it.
+/// One request to a vendor endpoint as the mock received it.
 #[derive(Debug, Clone)]
 pub struct RecordedRequest {
     pub method: Method,
+    /// The path without the query, e.g. `/v1/chat/completions`.
     pub path: String,
+    /// The raw query string (`api-version=...`, `alt=sse`), if the URL had one.
+    pub query: Option<String>,
     pub headers: HeaderMap,
     /// The parsed JSON body; `Value::Null` when the body was not valid JSON.
     pub body: Value,
@@ -65,7 +85,7 @@ pub(crate) struct Shared {
     behaviour: Mutex<Behaviour>,
     /// What [`MockUpstream::reset`] returns to.
     initial_behaviour: Behaviour,
-    /// Source of `chatcmpl-up-<n>` / `req-up-<n>`. Never reset, so ids stay unique for the
+    /// Source of `chatcmpl-up-<n>`, `msg_up_<n>`, `req-up-<n>` and the like. Never reset, so ids stay unique for the
     /// server's lifetime even across resets (the gateway stores them in usage rows).
     next_id: AtomicU64,
 }
@@ -148,11 +168,29 @@ impl MockUpstream {
         format!("http://{}/v1", self.addr)
     }
 
+    /// `http://127.0.0.1:PORT/v1beta`, what a Gemini client takes as its base URL.
+    pub fn gemini_base_url(&self) -> String {
+        format!("http://{}/v1beta", self.addr)
+    }
+
+    /// `http://127.0.0.1:PORT`, what an Azure OpenAI client takes as its resource endpoint
+    /// (it appends `/openai/deployments/...`).
+    pub fn azure_base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `http://127.0.0.1:PORT`, what an Anthropic client takes as its base URL (it appends
+    /// `/v1/messages`).
+    pub fn anthropic_base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
     pub fn stats(&self) -> MockStats {
         *lock(&self.shared.stats)
     }
 
-    /// The last 1000 chat requests, oldest first.
+    /// The last 1000 requests to vendor endpoints (chat and embeddings in every format,
+    /// rejected ones included), oldest first. `/models`, `/health` and `/mock/*` are not kept.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         lock(&self.shared.requests).iter().cloned().collect()
     }
@@ -219,14 +257,18 @@ async fn handle(
         shared.update_stats(|stats| stats.requests += 1);
     }
     let method = request.method().clone();
-    let response = match (&method, route) {
-        (&Method::POST, "/chat/completions") => {
-            let (parts, body) = request.into_parts();
-            match read_body(body).await {
-                Ok(bytes) => chat::handle(&shared, parts, path, &bytes).await,
-                Err(response) => response,
-            }
+    if let Some(endpoint) = Endpoint::from_path(&path) {
+        if method != Method::POST {
+            return Ok(method_not_allowed(&method, &path));
         }
+        let (parts, body) = request.into_parts();
+        let response = match read_body(body).await {
+            Ok(bytes) => endpoint::handle(&shared, endpoint, parts, path, &bytes).await,
+            Err(response) => response,
+        };
+        return Ok(response);
+    }
+    let response = match (&method, route) {
         (&Method::GET, "/models") => json_response(
             StatusCode::OK,
             &json!({
@@ -256,15 +298,9 @@ async fn handle(
             },
             Err(response) => response,
         },
-        (
-            _,
-            "/chat/completions" | "/models" | "/health" | "/mock/stats" | "/mock/reset"
-            | "/mock/config",
-        ) => error_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            &format!("method {method} is not allowed on {path}"),
-            "invalid_request_error",
-        ),
+        (_, "/models" | "/health" | "/mock/stats" | "/mock/reset" | "/mock/config") => {
+            method_not_allowed(&method, &path)
+        }
         _ => error_response(
             StatusCode::NOT_FOUND,
             &format!("no route for {method} {path}"),
@@ -272,6 +308,14 @@ async fn handle(
         ),
     };
     Ok(response)
+}
+
+fn method_not_allowed(method: &Method, path: &str) -> Response<Body> {
+    error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &format!("method {method} is not allowed on {path}"),
+        "invalid_request_error",
+    )
 }
 
 async fn read_body(body: Incoming) -> Result<Bytes, Response<Body>> {
@@ -300,10 +344,7 @@ pub(crate) fn json_response(status: StatusCode, value: &Value) -> Response<Body>
     response
 }
 
-/// An answer in OpenAI's error shape, so clients parse it as they would a vendor's.
-pub(crate) fn error_response(status: StatusCode, message: &str, kind: &str) -> Response<Body> {
-    json_response(
-        status,
-        &json!({"error": {"message": message, "type": kind, "param": null, "code": null}}),
-    )
+/// The mock's own errors (routing, control endpoints) are in OpenAI's shape.
+fn error_response(status: StatusCode, message: &str, kind: &str) -> Response<Body> {
+    endpoint::openai_error(status, message, kind)
 }

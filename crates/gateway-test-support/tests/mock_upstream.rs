@@ -176,6 +176,7 @@ async fn stream_without_usage_sends_events_in_order_one_frame_each() {
             streams_completed: 1,
             streams_aborted: 0,
             resets: 0,
+            ..MockStats::default()
         }
     );
 }

@@ -1,0 +1,1 @@
+//! Anthropic Messages API <-> OpenAI chat completions translation (work in progress).

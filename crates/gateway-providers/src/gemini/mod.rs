@@ -1,0 +1,1 @@
+//! Gemini generateContent <-> OpenAI chat completions translation (work in progress).
