@@ -154,9 +154,31 @@ timeout_secs = 5
 name = "mock"
 kind = "mock"
 
+[[providers]]
+name = "claude-upstream"
+kind = "anthropic"
+base_urls = ["{upstream_url}"]
+api_keys = ["{UPSTREAM_KEY}"]
+timeout_secs = 5
+
+[[providers]]
+name = "gemini-upstream"
+kind = "gemini"
+base_urls = ["{upstream_url.removesuffix("/v1")}/v1beta"]
+api_keys = ["{UPSTREAM_KEY}"]
+timeout_secs = 5
+
 [[models]]
 alias = "chat"
 targets = [{{ provider = "upstream", model = "mock-model", weight = 100 }}]
+
+[[models]]
+alias = "claude"
+targets = [{{ provider = "claude-upstream", model = "claude-test" }}]
+
+[[models]]
+alias = "gem"
+targets = [{{ provider = "gemini-upstream", model = "gemini-test" }}]
 
 [[models]]
 alias = "local"
@@ -169,7 +191,7 @@ targets = [{{ provider = "mock", model = "mock-1" }}]
 [[projects]]
 name = "e2e"
 api_keys = [{{ id = "e2e-key", sha256 = "{key_hash}" }}]
-models = ["chat", "local"]
+models = ["chat", "local", "claude", "gem"]
 tags = {{ team = "qa", business_line = "testing" }}
 """
 

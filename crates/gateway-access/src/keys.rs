@@ -260,7 +260,11 @@ mod tests {
         for name in ["x-api-key", "api-key"] {
             let mut headers = http::HeaderMap::new();
             headers.insert(name, "sk-a1".parse().unwrap());
-            assert_eq!(&*store.authenticate(&headers).unwrap().key_id, "a1", "{name}");
+            assert_eq!(
+                &*store.authenticate(&headers).unwrap().key_id,
+                "a1",
+                "{name}"
+            );
             headers.insert(name, "sk-nope".parse().unwrap());
             assert!(store.authenticate(&headers).is_err(), "{name}");
         }

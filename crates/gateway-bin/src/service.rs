@@ -20,6 +20,7 @@ use gateway_core::openai::{ChatCompletionRequest, ModelEntry, ModelList};
 use gateway_core::provider::{ChatCall, ChatReply, StreamEvent, StreamEventKind};
 use gateway_core::{ErrorType, GatewayError, Principal, RequestContext, RequestObserver};
 use gateway_observability::ObserveLayer;
+use gateway_providers::anthropic;
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -55,6 +56,7 @@ pub fn build_stack(
 }
 
 const PUBLIC_PATHS: &[&str] = &["/healthz", "/readyz"];
+const ANTHROPIC_MESSAGES_PATH: &str = "/v1/messages";
 
 /// Reads the snapshot once per request and converts errors into responses.
 #[derive(Clone)]
@@ -84,6 +86,8 @@ where
         request.extensions_mut().insert(snapshot.keys.clone());
         request.extensions_mut().insert(snapshot);
         let context = request.extensions().get::<Arc<RequestContext>>().cloned();
+        // Clients get errors in their own format: Anthropic SDKs parse only Anthropic's.
+        let anthropic_client = request.uri().path() == ANTHROPIC_MESSAGES_PATH;
         // Cloning keeps `poll_ready`'s contract: the inner service is always ready.
         let mut inner = self.inner.clone();
         Box::pin(async move {
@@ -93,7 +97,12 @@ where
                     if let Some(context) = context {
                         context.outcome().error_type = Some(err.error_type());
                     }
-                    Ok(error_response(&err))
+                    if anthropic_client {
+                        let (status, body) = anthropic::error_response(&err);
+                        Ok(json_response(status, body))
+                    } else {
+                        Ok(error_response(&err))
+                    }
                 }
             }
         })
@@ -138,6 +147,7 @@ impl Service<Request<Incoming>> for Dispatch {
             let method = request.method().clone();
             match (method, request.uri().path()) {
                 (Method::POST, "/v1/chat/completions") => chat_completions(&state, request).await,
+                (Method::POST, "/v1/messages") => anthropic_messages(&state, request).await,
                 (Method::GET, "/v1/models") => list_models(&request),
                 (Method::GET, "/healthz") => Ok(json_response(
                     StatusCode::OK,
@@ -151,7 +161,13 @@ impl Service<Request<Incoming>> for Dispatch {
 }
 
 fn unknown_route(method: &Method, path: &str) -> GatewayError {
-    let known = ["/v1/chat/completions", "/v1/models", "/healthz", "/readyz"];
+    let known = [
+        "/v1/chat/completions",
+        "/v1/messages",
+        "/v1/models",
+        "/healthz",
+        "/readyz",
+    ];
     if known.contains(&path) {
         GatewayError::MethodNotAllowed {
             method: method.to_string(),
@@ -260,6 +276,66 @@ async fn chat_completions(
             Ok(sse_response(UnsyncBoxBody::new(StreamBody::new(frames))))
         }
     }
+}
+
+/// `POST /v1/messages`: the Anthropic Messages format, served by any provider through the
+/// OpenAI canonical form.
+async fn anthropic_messages(
+    state: &AppState,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let (context, principal, snapshot) = request_parts(&request)?;
+    let body = read_body(request, state.max_body_bytes).await?;
+    let chat = anthropic::from_anthropic_request(&body)?;
+    // Anthropic clients read input tokens from `message_start`, before any vendor has counted
+    // them: they get an estimate there, and the vendor's count in the final `message_delta`.
+    let estimated_input_tokens = (body.len() as u64).div_ceil(4);
+    let model = chat.model.clone();
+
+    match route_and_call(&context, &principal, &snapshot, chat).await? {
+        ChatReply::Complete(reply) => {
+            note_complete(&context, &reply);
+            let body = anthropic::from_openai_response(&reply.body)?;
+            Ok(json_response(StatusCode::OK, body))
+        }
+        ChatReply::Stream(reply) => {
+            context.outcome().vendor_request_id = reply.vendor_request_id;
+            let translator = anthropic::OpenAiToAnthropic::new(&model, estimated_input_tokens);
+            let frames = anthropic_frames(reply.events, context, translator);
+            Ok(sse_response(UnsyncBoxBody::new(StreamBody::new(frames))))
+        }
+    }
+}
+
+/// Like [`sse_frames`], but each OpenAI event becomes the Anthropic events it implies.
+fn anthropic_frames(
+    events: impl Stream<Item = Result<StreamEvent, GatewayError>> + Send + 'static,
+    context: Arc<RequestContext>,
+    translator: anthropic::OpenAiToAnthropic,
+) -> impl Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + 'static {
+    events
+        .scan((false, translator), move |(ended, translator), event| {
+            if *ended {
+                return std::future::ready(None);
+            }
+            let frames = match event.and_then(|event| {
+                note_event(&context, &event);
+                *ended = event.kind == StreamEventKind::Done;
+                translator.push(&event)
+            }) {
+                Ok(frames) => frames,
+                Err(err) => {
+                    context.outcome().error_type = Some(ErrorType::UpstreamStreamError);
+                    tracing::warn!(request_id = %context.id, error = %err, "upstream stream failed");
+                    *ended = true;
+                    vec![translator.error_frame(&err)]
+                }
+            };
+            std::future::ready(Some(frames))
+        })
+        .flat_map(|frames| {
+            futures_util::stream::iter(frames.into_iter().map(|frame| Ok(Frame::data(frame))))
+        })
 }
 
 /// The part of every chat-shaped endpoint after parsing: resolve the alias (routing), pick a

@@ -420,7 +420,7 @@ async fn models_lists_only_the_aliases_the_key_may_use() {
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["chat", "local"]);
+    assert_eq!(ids, ["chat", "claude", "gem", "az", "local"]);
 }
 
 #[tokio::test]

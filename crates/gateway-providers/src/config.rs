@@ -17,7 +17,8 @@ pub struct ProviderConfig {
     /// Vendor keys, used round-robin. Usually `${ENV_VAR}` references.
     #[serde(default)]
     pub api_keys: Vec<Secret>,
-    /// Azure OpenAI only: the `api-version` query parameter (e.g. `2024-10-21`). Required there.
+    /// Azure: the `api-version` query parameter (e.g. `2024-10-21`), required. Anthropic: the
+    /// `anthropic-version` header (default `2023-06-01`).
     #[serde(default)]
     pub api_version: Option<String>,
     /// Deadline for one upstream call: the whole response, or the response headers of a
@@ -46,6 +47,10 @@ pub enum ProviderKind {
     /// Azure OpenAI: `{base}/openai/deployments/{model}/...?api-version=..`, `api-key` header.
     /// A target's `model` is the deployment name.
     Azure,
+    /// The Anthropic Messages API (`{base}/messages`, `x-api-key`, `anthropic-version`).
+    Anthropic,
+    /// Google's Gemini API (`{base}/models/{model}:generateContent`, `x-goog-api-key`).
+    Gemini,
 }
 
 impl ProviderKind {
@@ -54,6 +59,8 @@ impl ProviderKind {
             Self::Mock => "mock",
             Self::Openai => "openai",
             Self::Azure => "azure",
+            Self::Anthropic => "anthropic",
+            Self::Gemini => "gemini",
         }
     }
 }

@@ -6,16 +6,20 @@
 //! kind. It knows nothing of aliases, projects or billing.
 
 pub mod anthropic;
+mod anthropic_provider;
 mod client;
 mod config;
 pub mod gemini;
+mod gemini_provider;
 mod http;
 mod mock;
 mod openai;
 mod sse;
 
+pub use anthropic_provider::AnthropicProvider;
 pub use client::UpstreamClient;
 pub use config::{ProviderConfig, ProviderKind, Secret};
+pub use gemini_provider::GeminiProvider;
 pub use mock::MockProvider;
 pub use openai::OpenAiProvider;
 
@@ -49,6 +53,10 @@ pub fn build_providers(
                 OpenAiProvider::new(config, client, &path)
                     .map(|provider| Arc::new(provider) as DynProvider)
             }
+            ProviderKind::Anthropic => AnthropicProvider::new(config, client, &path)
+                .map(|provider| Arc::new(provider) as DynProvider),
+            ProviderKind::Gemini => GeminiProvider::new(config, client, &path)
+                .map(|provider| Arc::new(provider) as DynProvider),
         };
         match built {
             Ok(provider) => {

@@ -38,7 +38,12 @@ impl Default for Options {
     }
 }
 
+/// The gateway config of the harness. `upstream` is the mock's OpenAI base URL
+/// (`http://HOST:PORT/v1`); the Gemini and Azure bases are derived from it.
 pub fn config_text(upstream: &str, database_url: &str, options: &Options) -> String {
+    let root = upstream.trim_end_matches("/v1");
+    let gemini = format!("{root}/v1beta");
+    let azure = root;
     format!(
         r#"
 [server]
@@ -64,9 +69,43 @@ timeout_secs = {timeout}
 name = "mock"
 kind = "mock"
 
+[[providers]]
+name = "claude-upstream"
+kind = "anthropic"
+base_urls = ["{upstream}"]
+api_keys = ["{UPSTREAM_KEY}"]
+timeout_secs = {timeout}
+
+[[providers]]
+name = "gemini-upstream"
+kind = "gemini"
+base_urls = ["{gemini}"]
+api_keys = ["{UPSTREAM_KEY}"]
+timeout_secs = {timeout}
+
+[[providers]]
+name = "azure-upstream"
+kind = "azure"
+base_urls = ["{azure}"]
+api_keys = ["{UPSTREAM_KEY}"]
+api_version = "2024-10-21"
+timeout_secs = {timeout}
+
 [[models]]
 alias = "chat"
 targets = [{{ provider = "upstream", model = "mock-model" }}]
+
+[[models]]
+alias = "claude"
+targets = [{{ provider = "claude-upstream", model = "claude-test" }}]
+
+[[models]]
+alias = "gem"
+targets = [{{ provider = "gemini-upstream", model = "gemini-test" }}]
+
+[[models]]
+alias = "az"
+targets = [{{ provider = "azure-upstream", model = "dep-1" }}]
 
 [[models]]
 alias = "local"
@@ -79,7 +118,7 @@ targets = [{{ provider = "mock", model = "mock-1" }}]
 [[projects]]
 name = "team-a"
 api_keys = [{{ id = "a-key", sha256 = "{hash}" }}]
-models = ["chat", "local"]
+models = ["chat", "local", "claude", "gem", "az"]
 tags = {{ team = "a", business_line = "search" }}
 "#,
         max_body = options.max_body_bytes,
