@@ -5,6 +5,7 @@ use gateway_access::{ProjectConfig, ServerConfig};
 use gateway_business::DatabaseConfig;
 use gateway_core::config::{ConfigError, deserialize_section, interpolate_env};
 use gateway_observability::ObservabilityConfig;
+use gateway_policy::PolicyConfig;
 use gateway_providers::ProviderConfig;
 use gateway_routing::ModelConfig;
 use serde::de::DeserializeOwned;
@@ -17,6 +18,7 @@ pub struct GatewayConfig {
     pub server: ServerConfig,
     pub database: DatabaseConfig,
     pub observability: ObservabilityConfig,
+    pub policy: PolicyConfig,
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelConfig>,
     pub projects: Vec<ProjectConfig>,
@@ -53,10 +55,11 @@ fn format_errors(errors: &[ConfigError]) -> String {
         .join("\n")
 }
 
-const SECTIONS: [&str; 6] = [
+const SECTIONS: [&str; 7] = [
     "server",
     "database",
     "observability",
+    "policy",
     "providers",
     "models",
     "projects",
@@ -108,6 +111,7 @@ impl GatewayConfig {
         let server = table_section(&mut root, "server", &mut errors);
         let database = table_section(&mut root, "database", &mut errors);
         let observability = table_section(&mut root, "observability", &mut errors);
+        let policy = table_section(&mut root, "policy", &mut errors);
         let providers = array_section(&mut root, "providers", &mut errors);
         let models = array_section(&mut root, "models", &mut errors);
         let projects = array_section(&mut root, "projects", &mut errors);
@@ -119,6 +123,7 @@ impl GatewayConfig {
             server: server.unwrap_or_default(),
             database: database.unwrap_or_default(),
             observability: observability.unwrap_or_default(),
+            policy: policy.unwrap_or_default(),
             providers,
             models,
             projects,

@@ -55,6 +55,7 @@ impl RunningGateway {
             snapshot: ArcSwap::from_pointee(snapshot),
             ready: false.into(),
             max_body_bytes: config.server.max_body_bytes,
+            stream_drain: Duration::from_secs(config.policy.stream_drain_secs),
         });
         let (stop, stopped) = watch::channel(false);
         let stack = build_stack(state.clone(), observers);

@@ -14,11 +14,14 @@ use crate::state::Snapshot;
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
 use gateway_access::AuthLayer;
-use gateway_core::openai::{ChatCompletionRequest, ModelEntry, ModelList};
+use gateway_core::openai::{ChatCompletionRequest, ModelEntry, ModelList, delta_content_chars};
 use gateway_core::provider::{ChatCall, ChatReply, StreamEvent, StreamEventKind};
-use gateway_core::{ErrorType, GatewayError, Principal, RequestContext, RequestObserver};
+use gateway_core::{
+    ErrorType, FinishHold, GatewayError, Principal, RequestContext, RequestObserver,
+};
 use gateway_observability::ObserveLayer;
 use gateway_providers::anthropic;
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
@@ -27,9 +30,11 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tower::{Layer, Service};
 
 pub type ResponseBody = UnsyncBoxBody<Bytes, Infallible>;
@@ -40,6 +45,8 @@ pub struct AppState {
     pub snapshot: ArcSwap<Snapshot>,
     pub ready: AtomicBool,
     pub max_body_bytes: usize,
+    /// How long an abandoned stream is still read for its usage (`[policy]`).
+    pub stream_drain: Duration,
 }
 
 /// Builds the whole stack, outermost first (see the module docs for why in this order).
@@ -272,7 +279,8 @@ async fn chat_completions(
         }
         ChatReply::Stream(reply) => {
             context.outcome().vendor_request_id = reply.vendor_request_id;
-            let frames = sse_frames(reply.events, context, client_wants_usage);
+            let encoder = OpenAiFrames { client_wants_usage };
+            let frames = SseFrames::new(reply.events, encoder, context, state.stream_drain);
             Ok(sse_response(UnsyncBoxBody::new(StreamBody::new(frames))))
         }
     }
@@ -300,42 +308,14 @@ async fn anthropic_messages(
         }
         ChatReply::Stream(reply) => {
             context.outcome().vendor_request_id = reply.vendor_request_id;
-            let translator = anthropic::OpenAiToAnthropic::new(&model, estimated_input_tokens);
-            let frames = anthropic_frames(reply.events, context, translator);
+            let encoder = AnthropicFrames(anthropic::OpenAiToAnthropic::new(
+                &model,
+                estimated_input_tokens,
+            ));
+            let frames = SseFrames::new(reply.events, encoder, context, state.stream_drain);
             Ok(sse_response(UnsyncBoxBody::new(StreamBody::new(frames))))
         }
     }
-}
-
-/// Like [`sse_frames`], but each OpenAI event becomes the Anthropic events it implies.
-fn anthropic_frames(
-    events: impl Stream<Item = Result<StreamEvent, GatewayError>> + Send + 'static,
-    context: Arc<RequestContext>,
-    translator: anthropic::OpenAiToAnthropic,
-) -> impl Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + 'static {
-    events
-        .scan((false, translator), move |(ended, translator), event| {
-            if *ended {
-                return std::future::ready(None);
-            }
-            let frames = match event.and_then(|event| {
-                note_event(&context, &event);
-                *ended = event.kind == StreamEventKind::Done;
-                translator.push(&event)
-            }) {
-                Ok(frames) => frames,
-                Err(err) => {
-                    context.outcome().error_type = Some(ErrorType::UpstreamStreamError);
-                    tracing::warn!(request_id = %context.id, error = %err, "upstream stream failed");
-                    *ended = true;
-                    vec![translator.error_frame(&err)]
-                }
-            };
-            std::future::ready(Some(frames))
-        })
-        .flat_map(|frames| {
-            futures_util::stream::iter(frames.into_iter().map(|frame| Ok(Frame::data(frame))))
-        })
 }
 
 /// The part of every chat-shaped endpoint after parsing: resolve the alias (routing), pick a
@@ -354,6 +334,7 @@ async fn route_and_call(
         outcome.routed = true;
         outcome.alias = Some(chat.model.as_str().into());
         outcome.streamed = chat.is_stream();
+        outcome.estimated_prompt_tokens = chat.estimate_prompt_tokens();
     }
     // An alias the project may not use is reported exactly like a missing one, so a caller
     // cannot probe which aliases exist.
@@ -412,6 +393,9 @@ fn note_event(context: &RequestContext, event: &StreamEvent) {
     if outcome.vendor_response_id.is_none() {
         outcome.vendor_response_id.clone_from(&event.response_id);
     }
+    if event.kind == StreamEventKind::Delta && outcome.usage.is_none() {
+        outcome.streamed_output_chars += delta_content_chars(&event.data);
+    }
 }
 
 fn sse_response(body: ResponseBody) -> Response<ResponseBody> {
@@ -424,42 +408,160 @@ fn sse_response(body: ResponseBody) -> Response<ResponseBody> {
     response
 }
 
-/// Forwards vendor events to the client one frame per event, as they arrive, noting usage and
-/// time to first token on the way. The usage-only chunk the gateway asked for is dropped when
-/// the client did not ask for it. An upstream failure mid-stream becomes an OpenAI error event
-/// (the status line is long gone), then the stream ends.
-///
-/// If the client disconnects, hyper drops this stream, which drops the upstream response: the
-/// upstream connection is closed rather than drained, so the vendor stops generating tokens
-/// nobody will read (and the observers record the request as client-aborted).
-fn sse_frames(
-    events: impl Stream<Item = Result<StreamEvent, GatewayError>> + Send + 'static,
-    context: Arc<RequestContext>,
+/// How stream events become the client's SSE frames.
+trait FrameEncoder: Send + Unpin + 'static {
+    fn encode(&mut self, event: &StreamEvent) -> Result<Vec<Bytes>, GatewayError>;
+    /// An error after the status line went out: it can only be an event in the stream.
+    fn error(&mut self, error: &GatewayError) -> Bytes;
+}
+
+/// OpenAI clients get the vendor's events as they are, minus the usage-only chunk the
+/// gateway asked for when the client did not.
+struct OpenAiFrames {
     client_wants_usage: bool,
-) -> impl Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + 'static {
-    // `ended`: `[DONE]` or an error was forwarded; anything after it is not sent.
-    events
-        .scan(false, move |ended, event| {
-            if *ended {
-                return std::future::ready(None);
-            }
-            let frame = match event {
-                Ok(event) => {
-                    note_event(&context, &event);
-                    *ended = event.kind == StreamEventKind::Done;
-                    let forward = event.kind != StreamEventKind::UsageOnly || client_wants_usage;
-                    forward.then(|| sse_frame(&event.data))
-                }
-                Err(err) => {
-                    context.outcome().error_type = Some(ErrorType::UpstreamStreamError);
-                    tracing::warn!(request_id = %context.id, error = %err, "upstream stream failed");
-                    *ended = true;
-                    Some(sse_frame(&err.to_json()))
-                }
-            };
-            std::future::ready(Some(frame))
+}
+
+impl FrameEncoder for OpenAiFrames {
+    fn encode(&mut self, event: &StreamEvent) -> Result<Vec<Bytes>, GatewayError> {
+        let forward = event.kind != StreamEventKind::UsageOnly || self.client_wants_usage;
+        Ok(if forward {
+            vec![sse_frame(&event.data)]
+        } else {
+            Vec::new()
         })
-        .filter_map(|frame| std::future::ready(frame.map(|frame| Ok(Frame::data(frame)))))
+    }
+
+    fn error(&mut self, error: &GatewayError) -> Bytes {
+        sse_frame(&error.to_json())
+    }
+}
+
+/// Anthropic clients get each OpenAI event as the Anthropic events it implies.
+struct AnthropicFrames(anthropic::OpenAiToAnthropic);
+
+impl FrameEncoder for AnthropicFrames {
+    fn encode(&mut self, event: &StreamEvent) -> Result<Vec<Bytes>, GatewayError> {
+        self.0.push(event)
+    }
+
+    fn error(&mut self, error: &GatewayError) -> Bytes {
+        self.0.error_frame(error)
+    }
+}
+
+/// Forwards vendor events to the client as they arrive, one frame per event, never buffering
+/// the stream, and notes usage and time to first token on the way. An upstream failure
+/// mid-stream becomes an error event, then the stream ends: never a fake normal end.
+///
+/// If the client disconnects, hyper drops this stream. The rest of the vendor's stream is then
+/// read in the background for at most `drain` (`[policy] stream_drain_secs`) to learn the
+/// final usage, so an abandoned request is billed as the vendor bills it; the observers wait
+/// for it. Past that limit the upstream response is dropped, which closes the connection so
+/// the vendor stops generating, and the usage is estimated from what was streamed.
+struct SseFrames<E> {
+    events: Option<BoxStream<'static, Result<StreamEvent, GatewayError>>>,
+    encoder: E,
+    context: Arc<RequestContext>,
+    pending: std::collections::VecDeque<Bytes>,
+    /// `[DONE]`, an error, or the end of the upstream body was reached.
+    ended: bool,
+    drain: Duration,
+}
+
+impl<E: FrameEncoder> SseFrames<E> {
+    fn new(
+        events: BoxStream<'static, Result<StreamEvent, GatewayError>>,
+        encoder: E,
+        context: Arc<RequestContext>,
+        drain: Duration,
+    ) -> Self {
+        Self {
+            events: Some(events),
+            encoder,
+            context,
+            pending: std::collections::VecDeque::new(),
+            ended: false,
+            drain,
+        }
+    }
+
+    fn fail(&mut self, error: &GatewayError) {
+        self.context.outcome().error_type = Some(ErrorType::UpstreamStreamError);
+        tracing::warn!(request_id = %self.context.id, error = %error, "upstream stream failed");
+        self.pending.push_back(self.encoder.error(error));
+        self.ended = true;
+    }
+}
+
+impl<E: FrameEncoder> Stream for SseFrames<E> {
+    type Item = Result<Frame<Bytes>, Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(frame) = this.pending.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(frame))));
+            }
+            if this.ended {
+                this.events = None;
+                return Poll::Ready(None);
+            }
+            let Some(events) = this.events.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match std::task::ready!(events.poll_next_unpin(cx)) {
+                Some(Ok(event)) => {
+                    note_event(&this.context, &event);
+                    this.ended = event.kind == StreamEventKind::Done;
+                    match this.encoder.encode(&event) {
+                        Ok(frames) => this.pending.extend(frames),
+                        Err(err) => this.fail(&err),
+                    }
+                }
+                Some(Err(err)) => this.fail(&err),
+                None => this.ended = true,
+            }
+        }
+    }
+}
+
+impl<E> Drop for SseFrames<E> {
+    fn drop(&mut self) {
+        if self.ended || self.drain.is_zero() {
+            return;
+        }
+        let Some(events) = self.events.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let hold = self.context.hold_finish();
+        runtime.spawn(drain_stream(events, self.context.clone(), hold, self.drain));
+    }
+}
+
+/// Reads what is left of an abandoned stream, for its usage, for at most `limit`.
+async fn drain_stream(
+    mut events: BoxStream<'static, Result<StreamEvent, GatewayError>>,
+    context: Arc<RequestContext>,
+    hold: FinishHold,
+    limit: Duration,
+) {
+    let read_to_end = async {
+        while let Some(Ok(event)) = events.next().await {
+            note_event(&context, &event);
+            if event.kind == StreamEventKind::Done {
+                break;
+            }
+        }
+    };
+    if tokio::time::timeout(limit, read_to_end).await.is_err() {
+        tracing::debug!(request_id = %context.id, "drain limit reached; ending the upstream request");
+    }
+    // Dropping the rest closes the upstream connection; releasing the hold runs the observers.
+    drop(events);
+    drop(hold);
 }
 
 fn sse_frame(data: &[u8]) -> Bytes {

@@ -184,11 +184,10 @@ async fn stream_keeps_usage_chunk_when_client_asks() {
     assert_eq!(usage_chunk["choices"], json!([]));
 }
 
-#[tokio::test]
-async fn client_disconnect_mid_stream_ends_the_upstream_request() {
-    let mut h = Harness::start().await;
+/// Sends a long stream request, reads its first event, and hangs up.
+async fn abandon_stream(h: &Harness) -> String {
     h.upstream.set_behaviour(Behaviour {
-        chunks: Some(50),
+        chunks: Some(40),
         chunk_delay_ms: 50,
         ..Behaviour::default()
     });
@@ -200,24 +199,80 @@ async fn client_disconnect_mid_stream_ends_the_upstream_request() {
     use futures_util::StreamExt;
     stream.next().await.unwrap().unwrap();
     drop(stream);
+    request_id
+}
 
-    // The gateway closes its upstream connection: the mock sees its stream abandoned long
-    // before the 50 chunks (2.5 s) would have been sent.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    while h.upstream.stats().streams_aborted == 0 {
+async fn wait_for(h: &Harness, what: &str, done: impl Fn(gateway_test_support::MockStats) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !done(h.upstream.stats()) {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "upstream stream was not ended: {:?}",
+            "{what}: {:?}",
             h.upstream.stats()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(h.upstream.stats().streams_completed, 0);
+}
 
+#[tokio::test]
+async fn abandoned_stream_is_drained_for_the_vendors_usage() {
+    let mut h = Harness::start().await;
+    let request_id = abandon_stream(&h).await;
+    // The gateway keeps reading (40 chunks, 2 s, within the 10 s drain) to the usage chunk.
+    wait_for(&h, "stream not read to its end", |s| {
+        s.streams_completed == 1
+    })
+    .await;
+    assert_eq!(h.upstream.stats().streams_aborted, 0);
     let rows = h.finish().await;
     let row = rows.iter().find(|r| r.request_id == request_id).unwrap();
     assert!(row.client_aborted);
     assert_eq!(row.error_type.as_deref(), Some("client_aborted"));
+    assert_eq!(row.output_tokens, Some(40), "billed as the vendor reported");
+    assert_eq!(row.usage_source.as_deref(), Some("vendor"));
+}
+
+#[tokio::test]
+async fn without_drain_an_abandoned_stream_is_ended_and_estimated() {
+    let mut h = Harness::start_with(Options {
+        stream_drain_secs: 0,
+        ..Options::default()
+    })
+    .await;
+    let request_id = abandon_stream(&h).await;
+    // The upstream connection is closed: the mock sees its stream abandoned long before the
+    // 40 chunks (2 s) would have been sent.
+    wait_for(&h, "upstream stream was not ended", |s| {
+        s.streams_aborted == 1
+    })
+    .await;
+    assert_eq!(h.upstream.stats().streams_completed, 0);
+    let rows = h.finish().await;
+    let row = rows.iter().find(|r| r.request_id == request_id).unwrap();
+    assert!(row.client_aborted);
+    assert_eq!(row.usage_source.as_deref(), Some("estimate"));
+    assert!(row.input_tokens.unwrap() > 0);
+}
+
+#[tokio::test]
+async fn drain_is_bounded() {
+    let mut h = Harness::start_with(Options {
+        stream_drain_secs: 1,
+        ..Options::default()
+    })
+    .await;
+    let request_id = abandon_stream(&h).await;
+    // 40 chunks take 2 s; after 1 s of draining the gateway gives up and hangs up.
+    wait_for(&h, "drain did not stop", |s| s.streams_aborted == 1).await;
+    let rows = h.finish().await;
+    let row = rows.iter().find(|r| r.request_id == request_id).unwrap();
+    assert_eq!(row.usage_source.as_deref(), Some("estimate"));
+    // About 20 of the 40 chunks ("tokN " is 5 or 6 characters) were seen before giving up.
+    let estimated = row.output_tokens.unwrap();
+    assert!(
+        (10..40).contains(&estimated),
+        "estimated {estimated} output tokens"
+    );
 }
 
 #[tokio::test]

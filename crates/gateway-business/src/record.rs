@@ -24,6 +24,8 @@ pub struct UsageRecord {
     pub output_tokens: Option<i64>,
     pub cached_tokens: Option<i64>,
     pub reasoning_tokens: Option<i64>,
+    /// `vendor` or `estimate`; `None` when no usage is known.
+    pub usage_source: Option<&'static str>,
     pub elapsed_ms: f64,
     pub ttft_ms: Option<f64>,
     pub streamed: bool,
@@ -62,6 +64,13 @@ impl UsageRecord {
             output_tokens: usage.map(|u| tokens(u.completion_tokens)),
             cached_tokens: usage.map(|u| tokens(u.cached_tokens())),
             reasoning_tokens: usage.map(|u| tokens(u.reasoning_tokens())),
+            usage_source: usage.map(|_| {
+                if outcome.usage_estimated {
+                    "estimate"
+                } else {
+                    "vendor"
+                }
+            }),
             elapsed_ms: millis(finished.elapsed),
             ttft_ms: outcome.time_to_first_token.map(millis),
             streamed: outcome.streamed,

@@ -120,7 +120,7 @@ impl UsageStore {
 
 const INSERT_PREFIX: &str = "INSERT INTO usage_events (request_id, created_at, project, key_id, \
     tags, alias, provider, upstream_model, attempts, status, error_type, input_tokens, \
-    output_tokens, cached_tokens, reasoning_tokens, elapsed_ms, ttft_ms, streamed, \
+    output_tokens, cached_tokens, reasoning_tokens, usage_source, elapsed_ms, ttft_ms, streamed, \
     client_aborted, vendor_response_id, vendor_request_id) ";
 const INSERT_SUFFIX: &str = " ON CONFLICT (request_id) DO NOTHING";
 
@@ -169,6 +169,7 @@ fn push_record<'args, DB>(
         .push_bind(record.output_tokens)
         .push_bind(record.cached_tokens)
         .push_bind(record.reasoning_tokens)
+        .push_bind(record.usage_source)
         .push_bind(record.elapsed_ms)
         .push_bind(record.ttft_ms)
         .push_bind(record.streamed)

@@ -86,6 +86,59 @@ pub struct RequestOutcome {
     pub time_to_first_token: Option<Duration>,
     pub vendor_response_id: Option<String>,
     pub vendor_request_id: Option<String>,
+    /// `usage` is the gateway's estimate, not the vendor's count.
+    pub usage_estimated: bool,
+    /// Prompt size estimated from the request, for when the vendor reports no usage.
+    pub estimated_prompt_tokens: u64,
+    /// Characters of streamed content seen so far, for the same purpose.
+    pub streamed_output_chars: u64,
+}
+
+impl RequestOutcome {
+    /// Fills in an estimate when the vendor reported no usage (some relays ignore
+    /// `stream_options.include_usage`; an abandoned stream may end before its usage chunk).
+    pub fn settle_usage(&mut self) {
+        if self.usage.is_none() && self.routed && self.provider.is_some() {
+            self.usage = Some(Usage::new(
+                self.estimated_prompt_tokens,
+                self.streamed_output_chars.div_ceil(4),
+            ));
+            self.usage_estimated = true;
+        }
+    }
+}
+
+/// Whether the observers may run when the response ends, or must wait for work that outlives
+/// the response (reading the rest of an abandoned stream for its usage).
+enum FinishGate {
+    Open,
+    Held,
+    Parked(Box<dyn FnOnce() + Send>),
+}
+
+impl std::fmt::Debug for FinishGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Open => "Open",
+            Self::Held => "Held",
+            Self::Parked(_) => "Parked",
+        })
+    }
+}
+
+/// Keeps the observers of a request waiting; dropping it runs them if they were parked.
+#[derive(Debug)]
+pub struct FinishHold {
+    context: std::sync::Arc<RequestContext>,
+}
+
+impl Drop for FinishHold {
+    fn drop(&mut self) {
+        let parked = std::mem::replace(&mut *self.context.gate(), FinishGate::Open);
+        if let FinishGate::Parked(finish) = parked {
+            finish();
+        }
+    }
 }
 
 /// Everything the layers share about one request.
@@ -99,6 +152,7 @@ pub struct RequestContext {
     pub method: http::Method,
     pub path: String,
     outcome: Mutex<RequestOutcome>,
+    gate: Mutex<FinishGate>,
 }
 
 impl RequestContext {
@@ -110,6 +164,33 @@ impl RequestContext {
             method,
             path,
             outcome: Mutex::new(RequestOutcome::default()),
+            gate: Mutex::new(FinishGate::Open),
+        }
+    }
+
+    fn gate(&self) -> MutexGuard<'_, FinishGate> {
+        self.gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Holds the observers until the returned guard is dropped. Taken before the response
+    /// ends, by work that must update the outcome after it.
+    pub fn hold_finish(self: &std::sync::Arc<Self>) -> FinishHold {
+        *self.gate() = FinishGate::Held;
+        FinishHold {
+            context: self.clone(),
+        }
+    }
+
+    /// Runs `finish` now, or, while a [`FinishHold`] exists, when it is dropped.
+    pub fn finish_when_released(&self, finish: impl FnOnce() + Send + 'static) {
+        let mut gate = self.gate();
+        if matches!(*gate, FinishGate::Held) {
+            *gate = FinishGate::Parked(Box::new(finish));
+        } else {
+            drop(gate);
+            finish();
         }
     }
 
@@ -158,6 +239,52 @@ mod tests {
         );
         assert!(RequestId::from_header(b"not-a-uuid").is_none());
         assert!(RequestId::from_header(b"").is_none());
+    }
+
+    #[test]
+    fn held_finish_runs_when_released_and_only_then() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let context = Arc::new(RequestContext::new(
+            RequestId::new_v7(),
+            http::Method::POST,
+            "/".into(),
+        ));
+        let ran = Arc::new(AtomicBool::new(false));
+        let hold = context.hold_finish();
+        let flag = ran.clone();
+        context.finish_when_released(move || flag.store(true, Ordering::SeqCst));
+        assert!(!ran.load(Ordering::SeqCst), "ran while held");
+        drop(hold);
+        assert!(ran.load(Ordering::SeqCst), "did not run on release");
+
+        // Released before the finish arrives: it runs at once.
+        let ran = Arc::new(AtomicBool::new(false));
+        drop(context.hold_finish());
+        let flag = ran.clone();
+        context.finish_when_released(move || flag.store(true, Ordering::SeqCst));
+        assert!(ran.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn usage_is_estimated_only_when_the_vendor_sent_none() {
+        let mut outcome = RequestOutcome {
+            routed: true,
+            provider: Some("p".into()),
+            estimated_prompt_tokens: 10,
+            streamed_output_chars: 9,
+            ..RequestOutcome::default()
+        };
+        outcome.settle_usage();
+        assert_eq!(outcome.usage, Some(Usage::new(10, 3)));
+        assert!(outcome.usage_estimated);
+        let mut vendor = RequestOutcome {
+            routed: true,
+            provider: Some("p".into()),
+            usage: Some(Usage::new(1, 1)),
+            ..RequestOutcome::default()
+        };
+        vendor.settle_usage();
+        assert!(!vendor.usage_estimated);
     }
 
     #[test]

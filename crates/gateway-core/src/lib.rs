@@ -12,6 +12,7 @@ pub mod openai;
 pub mod provider;
 
 pub use context::{
-    FinishedRequest, Principal, RequestContext, RequestId, RequestObserver, RequestOutcome,
+    FinishHold, FinishedRequest, Principal, RequestContext, RequestId, RequestObserver,
+    RequestOutcome,
 };
 pub use error::{ErrorType, GatewayError};

@@ -77,6 +77,21 @@ impl ChatCompletionRequest {
         Ok(())
     }
 
+    /// A rough prompt size (about four characters a token plus OpenAI's per-message framing),
+    /// used only when a vendor reports no usage.
+    pub fn estimate_prompt_tokens(&self) -> u64 {
+        self.messages
+            .iter()
+            .map(|message| {
+                let chars = message
+                    .content
+                    .as_ref()
+                    .map_or(0, |content| content.text().chars().count());
+                (chars as u64).div_ceil(4) + 4
+            })
+            .sum()
+    }
+
     pub fn is_stream(&self) -> bool {
         self.stream.unwrap_or(false)
     }
@@ -242,6 +257,34 @@ impl CompletionSummary {
     }
 }
 
+/// Characters of content in one `chat.completion.chunk` (all choices), read without
+/// materialising the rest of the chunk. Used to estimate output tokens.
+pub fn delta_content_chars(chunk: &[u8]) -> u64 {
+    #[derive(Deserialize)]
+    struct Chunk<'a> {
+        #[serde(default, borrow)]
+        choices: Vec<Choice<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Choice<'a> {
+        #[serde(default, borrow)]
+        delta: Option<Delta<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Delta<'a> {
+        #[serde(default, borrow)]
+        content: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_slice::<Chunk<'_>>(chunk).map_or(0, |chunk| {
+        chunk
+            .choices
+            .iter()
+            .filter_map(|choice| choice.delta.as_ref()?.content.as_ref())
+            .map(|text| text.chars().count() as u64)
+            .sum()
+    })
+}
+
 /// `GET /v1/models` answer.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ModelList {
@@ -339,6 +382,19 @@ mod tests {
         )
         .unwrap();
         assert!(!content.is_usage_only_chunk());
+    }
+
+    #[test]
+    fn counts_streamed_content() {
+        assert_eq!(
+            delta_content_chars(br#"{"choices":[{"index":0,"delta":{"content":"h\u00e9llo"}}]}"#),
+            5
+        );
+        assert_eq!(
+            delta_content_chars(br#"{"choices":[{"delta":{"role":"assistant"}}]}"#),
+            0
+        );
+        assert_eq!(delta_content_chars(b"[DONE]"), 0);
     }
 
     #[test]

@@ -141,18 +141,31 @@ impl Finisher {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
+        // Latency is what the client saw, even if a drain keeps the observers waiting.
         let elapsed = self.context.elapsed();
-        let outcome = self.context.outcome().clone();
-        let finished = FinishedRequest {
-            context: &self.context,
-            outcome: &outcome,
-            status: self.status,
-            elapsed,
-            client_aborted,
-        };
-        for observer in self.observers.iter() {
-            observer.request_finished(&finished);
-        }
+        let context = self.context.clone();
+        let observers = self.observers.clone();
+        let status = self.status;
+        self.context.finish_when_released(move || {
+            let outcome = {
+                let mut outcome = context.outcome();
+                // Only a served request has usage to bill; a failed one is not estimated.
+                if status.is_success() {
+                    outcome.settle_usage();
+                }
+                outcome.clone()
+            };
+            let finished = FinishedRequest {
+                context: &context,
+                outcome: &outcome,
+                status,
+                elapsed,
+                client_aborted,
+            };
+            for observer in observers.iter() {
+                observer.request_finished(&finished);
+            }
+        });
     }
 }
 

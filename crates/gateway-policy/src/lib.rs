@@ -1,8 +1,12 @@
 //! Policy layer: what limits an upstream call.
 //!
-//! For now this is the per-provider deadline: a call that has not answered in time is dropped
+//! Owns the `[policy]` config section. For now this is the per-provider deadline: a call that has not answered in time is dropped
 //! (which cancels the upstream request) and becomes a 504. Rate limits, circuit breakers and
 //! retries build on the same place. Time comes from tokio, so tests run with paused time.
+
+mod config;
+
+pub use config::PolicyConfig;
 
 use gateway_core::GatewayError;
 use std::future::Future;

@@ -26,6 +26,7 @@ pub struct Options {
     pub database_url: Option<String>,
     pub max_body_bytes: usize,
     pub timeout_secs: u64,
+    pub stream_drain_secs: u64,
 }
 
 impl Default for Options {
@@ -34,6 +35,7 @@ impl Default for Options {
             database_url: None,
             max_body_bytes: 8 * 1024 * 1024,
             timeout_secs: 5,
+            stream_drain_secs: 10,
         }
     }
 }
@@ -57,6 +59,9 @@ url = "{database_url}"
 [observability]
 log_format = "text"
 log_level = "warn"
+
+[policy]
+stream_drain_secs = {drain}
 
 [[providers]]
 name = "upstream"
@@ -123,6 +128,7 @@ tags = {{ team = "a", business_line = "search" }}
 "#,
         max_body = options.max_body_bytes,
         timeout = options.timeout_secs,
+        drain = options.stream_drain_secs,
         hash = gateway_access::hash_key(CLIENT_KEY),
     )
 }
@@ -189,6 +195,7 @@ pub struct UsageRow {
     pub error_type: Option<String>,
     pub input_tokens: Option<i64>,
     pub output_tokens: Option<i64>,
+    pub usage_source: Option<String>,
     pub ttft_ms: Option<f64>,
     pub streamed: bool,
     pub client_aborted: bool,
@@ -197,7 +204,7 @@ pub struct UsageRow {
 }
 
 const SELECT: &str = "SELECT request_id, project, key_id, tags, alias, provider, upstream_model, \
-    status, error_type, input_tokens, output_tokens, ttft_ms, streamed, client_aborted, \
+    status, error_type, input_tokens, output_tokens, usage_source, ttft_ms, streamed, client_aborted, \
     vendor_response_id, vendor_request_id FROM usage_events";
 
 pub async fn read_usage(database_url: &str) -> Vec<UsageRow> {
