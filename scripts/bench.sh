@@ -9,6 +9,8 @@
 #
 # Knobs are the harness's (CONCURRENCY, MODES, DURATION, DELAYS, LOADGEN, ...): see
 # ../shared/bench/README.md. Defaults here: CONCURRENCY="1 64", MODES="json stream".
+# BENCH_CONFIG picks the gateway config (default config/bench.toml: an OpenAI-format provider;
+# config/bench-anthropic.toml: an Anthropic-format one, to measure translation).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
@@ -29,8 +31,9 @@ rm -f "$root"/target/bench/usage.db*
 export GATEWAY_BENCH_DATABASE_URL="sqlite://$root/target/bench/usage.db"
 marker=$(mktemp)
 
-GW_NAME=gateway \
-GW_CMD="$root/target/release/gateway serve --config $root/config/bench.toml" \
+config=${BENCH_CONFIG:-config/bench.toml}
+GW_NAME=${GW_NAME:-gateway} \
+GW_CMD="$root/target/release/gateway serve --config $root/$config" \
   "$bench/run.sh" url http://127.0.0.1:18080/v1 sk-bench
 
 for other in "$@"; do

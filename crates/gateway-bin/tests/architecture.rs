@@ -22,7 +22,8 @@ const LAYERS: [&str; 6] = [
 ];
 
 /// Architecture invariant: layers depend on `gateway-core`, never on each other (not even for
-/// tests); only `gateway-bin` composes them.
+/// tests); only `gateway-bin` composes them. The mock upstream (`gateway-test-support`) is a
+/// test tool that depends on no layer, so any crate's tests may use it.
 #[test]
 fn layers_depend_only_on_core() {
     for layer in LAYERS.iter().chain(["gateway-core"].iter()) {
@@ -36,7 +37,8 @@ fn layers_depend_only_on_core() {
                 continue;
             };
             for name in deps.keys() {
-                let allowed = name == "gateway-core" && *layer != "gateway-core";
+                let allowed = (name == "gateway-core" && *layer != "gateway-core")
+                    || (name == "gateway-test-support" && section == "dev-dependencies");
                 assert!(
                     !name.starts_with("gateway-") || allowed,
                     "{layer} must not depend on {name} ({section}): layers meet only in gateway-core"
@@ -47,6 +49,25 @@ fn layers_depend_only_on_core() {
 }
 
 /// Every source file starts with a `//!` comment saying what it is for.
+/// The mock upstream must stay independent of the gateway, or using it in a layer's tests
+/// would smuggle in a dependency on another layer.
+#[test]
+fn test_support_depends_on_no_gateway_crate() {
+    let manifest: toml::Table =
+        std::fs::read_to_string(crates_dir().join("gateway-test-support/Cargo.toml"))
+            .unwrap()
+            .parse()
+            .unwrap();
+    for section in ["dependencies", "dev-dependencies", "build-dependencies"] {
+        if let Some(deps) = manifest.get(section).and_then(|d| d.as_table()) {
+            assert!(
+                deps.keys().all(|name| !name.starts_with("gateway-")),
+                "gateway-test-support must not depend on gateway crates ({section})"
+            );
+        }
+    }
+}
+
 #[test]
 fn every_module_has_a_doc_comment() {
     let mut missing = Vec::new();

@@ -8,7 +8,8 @@ use crate::anthropic::{
 };
 use crate::client::{HyperClient, UpstreamClient};
 use crate::config::ProviderConfig;
-use crate::http::{MAX_ERROR_BYTES, MAX_RESPONSE_BYTES, header_string, read_body, unavailable};
+use crate::http::{MAX_ERROR_BYTES, MAX_RESPONSE_BYTES, header_string, read_body};
+use crate::rotation::{BaseUrls, Keys, send};
 use crate::sse::{EventTranslator, translated_events};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -21,8 +22,8 @@ use gateway_core::provider::{
 use http::header::{ACCEPT, CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{Method, Request, Uri};
 use http_body_util::{BodyExt, Full};
+use serde_json::Value;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// The Messages API version sent when the config names none.
@@ -36,10 +37,9 @@ pub struct AnthropicProvider {
 #[derive(Debug)]
 struct Inner {
     name: String,
-    endpoints: Vec<Uri>,
-    keys: Vec<HeaderValue>,
+    endpoints: BaseUrls<Uri>,
+    keys: Keys,
     version: HeaderValue,
-    next: AtomicUsize,
     timeout: Duration,
     client: HyperClient,
 }
@@ -70,10 +70,9 @@ impl AnthropicProvider {
         Ok(Self {
             inner: Arc::new(Inner {
                 name: config.name.clone(),
-                endpoints,
-                keys,
+                endpoints: BaseUrls::new(endpoints, config.base_url_cooldown()),
+                keys: Keys::new(keys, config.key_cooldown(), config.key_revoked_cooldown()),
                 version,
-                next: AtomicUsize::new(0),
                 timeout: config.timeout(),
                 client: client.client.clone(),
             }),
@@ -110,42 +109,46 @@ impl Inner {
         let body = to_anthropic_request(&call.request, &call.request.model)?;
         let body = serde_json::to_vec(&body)
             .map_err(|err| GatewayError::Internal(format!("encoding the request: {err}")))?;
-        let turn = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut builder = Request::builder()
-            .method(Method::POST)
-            .uri(self.endpoints[turn % self.endpoints.len()].clone())
-            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .header(
-                ACCEPT,
-                HeaderValue::from_static(if stream {
-                    "text/event-stream"
-                } else {
-                    "application/json"
-                }),
-            )
-            .header(
-                HeaderName::from_static("anthropic-version"),
-                self.version.clone(),
-            );
-        if !self.keys.is_empty() {
-            builder = builder.header(
-                HeaderName::from_static("x-api-key"),
-                self.keys[turn % self.keys.len()].clone(),
-            );
-        }
-        let request = builder
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|err| GatewayError::Internal(format!("building the request: {err}")))?;
-        let response = self
-            .client
-            .request(request)
-            .await
-            .map_err(|err| unavailable(&self.name, &err))?;
+        let key = self.keys.pick();
+        let body = Bytes::from(body);
+        let response = send(&self.name, &self.client, &self.endpoints, |endpoint| {
+            let mut builder = Request::builder()
+                .method(Method::POST)
+                .uri(endpoint.clone())
+                .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+                .header(
+                    ACCEPT,
+                    HeaderValue::from_static(if stream {
+                        "text/event-stream"
+                    } else {
+                        "application/json"
+                    }),
+                )
+                .header(
+                    HeaderName::from_static("anthropic-version"),
+                    self.version.clone(),
+                );
+            if let Some(key) = &key {
+                builder = builder.header(HeaderName::from_static("x-api-key"), key.value.clone());
+            }
+            builder
+                .body(Full::new(body.clone()))
+                .map_err(|err| GatewayError::Internal(format!("building the request: {err}")))
+        })
+        .await?;
         let status = response.status();
         let vendor_request_id = header_string(response.headers(), "request-id");
         let body = response.into_body();
         if !status.is_success() {
-            let body = read_body(&self.name, body, MAX_ERROR_BYTES).await?;
+            let body = read_body(&self.name, body, MAX_ERROR_BYTES).await;
+            self.keys.judge(
+                &self.name,
+                key.as_ref(),
+                status,
+                body.as_deref().unwrap_or_default(),
+                credit_exhausted,
+            );
+            let body = body?;
             return Err(error_from_anthropic(&self.name, status, &body));
         }
         let created = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -169,5 +172,41 @@ impl Inner {
             vendor_response_id: translated.response_id,
             vendor_request_id,
         }))
+    }
+}
+
+/// Anthropic reports an account out of credit as a `billing_error`, or as an
+/// `invalid_request_error` whose message is about the credit balance. Either way no wait of
+/// seconds fixes it, unlike a `rate_limit_error`.
+fn credit_exhausted(body: &Value) -> bool {
+    let Some(error) = body.get("error") else {
+        return false;
+    };
+    error.get("type").and_then(Value::as_str) == Some("billing_error")
+        || error
+            .get("message")
+            .and_then(Value::as_str)
+            .is_some_and(|message| message.to_ascii_lowercase().contains("credit balance"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn billing_errors_are_told_from_rate_limits() {
+        let billing = json!({"type": "error", "error": {"type": "billing_error",
+            "message": "There is an issue with your billing."}});
+        assert!(credit_exhausted(&billing));
+        let credit = json!({"type": "error", "error": {"type": "invalid_request_error",
+            "message": "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits."}});
+        assert!(credit_exhausted(&credit));
+        let rate_limit = json!({"type": "error", "error": {"type": "rate_limit_error",
+            "message": "Number of request tokens has exceeded your per-minute rate limit"}});
+        assert!(!credit_exhausted(&rate_limit));
+        let overloaded = json!({"type": "error", "error": {"type": "overloaded_error",
+            "message": "Overloaded"}});
+        assert!(!credit_exhausted(&overloaded));
     }
 }

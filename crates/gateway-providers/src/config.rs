@@ -11,10 +11,13 @@ pub struct ProviderConfig {
     pub name: String,
     pub kind: ProviderKind,
     /// Base URLs ending in the API version (`https://api.openai.com/v1`); requests go to
-    /// `{base}/chat/completions`, spread round-robin over the list.
+    /// `{base}/chat/completions`. The first is preferred; the next ones are tried in order only
+    /// when connecting fails (refused, DNS, connect timeout, TLS handshake), so that a request
+    /// is never sent twice.
     #[serde(default)]
     pub base_urls: Vec<String>,
-    /// Vendor keys, used round-robin. Usually `${ENV_VAR}` references.
+    /// Vendor keys, spread round-robin over those not set aside (after a 401/403 or a quota
+    /// error). Usually `${ENV_VAR}` references.
     #[serde(default)]
     pub api_keys: Vec<Secret>,
     /// Azure: the `api-version` query parameter (e.g. `2024-10-21`), required. Anthropic: the
@@ -25,16 +28,51 @@ pub struct ProviderConfig {
     /// stream. Default 60.
     #[serde(default = "default_timeout_secs")]
     pub timeout_secs: u64,
+    /// How long a base URL that could not be connected to goes to the back of the preference
+    /// order before it is preferred again. Default 30.
+    #[serde(default = "default_base_url_cooldown_secs")]
+    pub base_url_cooldown_secs: u64,
+    /// How long a key whose quota or credit is exhausted is set aside. An ordinary rate limit
+    /// (429) does not set a key aside. Default 60.
+    #[serde(default = "default_key_cooldown_secs")]
+    pub key_cooldown_secs: u64,
+    /// How long a key refused as invalid or revoked (401, 403) is set aside. Default 300.
+    #[serde(default = "default_key_revoked_cooldown_secs")]
+    pub key_revoked_cooldown_secs: u64,
 }
 
 impl ProviderConfig {
     pub fn timeout(&self) -> Duration {
         Duration::from_secs(self.timeout_secs)
     }
+
+    pub fn base_url_cooldown(&self) -> Duration {
+        Duration::from_secs(self.base_url_cooldown_secs)
+    }
+
+    pub fn key_cooldown(&self) -> Duration {
+        Duration::from_secs(self.key_cooldown_secs)
+    }
+
+    pub fn key_revoked_cooldown(&self) -> Duration {
+        Duration::from_secs(self.key_revoked_cooldown_secs)
+    }
 }
 
 const fn default_timeout_secs() -> u64 {
     60
+}
+
+const fn default_base_url_cooldown_secs() -> u64 {
+    30
+}
+
+const fn default_key_cooldown_secs() -> u64 {
+    60
+}
+
+const fn default_key_revoked_cooldown_secs() -> u64 {
+    300
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -100,5 +138,39 @@ mod tests {
         .unwrap();
         assert!(!format!("{config:?}").contains("sk-very-secret"));
         assert_eq!(config.timeout_secs, 60);
+    }
+
+    #[test]
+    fn cooldowns_default_and_parse() {
+        let config: ProviderConfig = toml::from_str(
+            r#"name = "openai"
+               kind = "openai""#,
+        )
+        .unwrap();
+        assert_eq!(config.base_url_cooldown(), Duration::from_secs(30));
+        assert_eq!(config.key_cooldown(), Duration::from_secs(60));
+        assert_eq!(config.key_revoked_cooldown(), Duration::from_secs(300));
+        let config: ProviderConfig = toml::from_str(
+            r#"name = "openai"
+               kind = "openai"
+               base_url_cooldown_secs = 5
+               key_cooldown_secs = 6
+               key_revoked_cooldown_secs = 7"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                config.base_url_cooldown_secs,
+                config.key_cooldown_secs,
+                config.key_revoked_cooldown_secs
+            ),
+            (5, 6, 7)
+        );
+        let typo = toml::from_str::<ProviderConfig>(
+            r#"name = "openai"
+               kind = "openai"
+               key_cooldown = 6"#,
+        );
+        assert!(typo.is_err(), "unknown fields are refused");
     }
 }

@@ -9,8 +9,9 @@ use crate::config::ProviderConfig;
 use crate::gemini::{GeminiToOpenAi, error_from_gemini, to_gemini_request, to_openai_response};
 use crate::http::{
     MAX_ERROR_BYTES, MAX_RESPONSE_BYTES, endpoints, header_string, is_url_safe, read_body,
-    sensitive_values, unavailable,
+    sensitive_values,
 };
+use crate::rotation::{BaseUrls, Keys, send};
 use crate::sse::{EventTranslator, translated_events};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -23,8 +24,8 @@ use gateway_core::provider::{
 use http::header::{ACCEPT, CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{Method, Request, Uri};
 use http_body_util::{BodyExt, Full};
+use serde_json::Value;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
@@ -36,9 +37,8 @@ pub struct GeminiProvider {
 struct Inner {
     name: String,
     /// Base URLs ending in the API version (`.../v1beta`); the model and method are per call.
-    bases: Vec<String>,
-    keys: Vec<HeaderValue>,
-    next: AtomicUsize,
+    bases: BaseUrls<String>,
+    keys: Keys,
     timeout: Duration,
     client: HyperClient,
 }
@@ -52,7 +52,7 @@ impl GeminiProvider {
         let mut errors = Vec::new();
         // Parsed for validation only: the URL is completed per call with the model.
         let valid = endpoints(config, path, "", &mut errors);
-        let bases = valid
+        let bases: Vec<String> = valid
             .iter()
             .map(|uri| uri.to_string().trim_end_matches('/').to_owned())
             .collect();
@@ -63,9 +63,8 @@ impl GeminiProvider {
         Ok(Self {
             inner: Arc::new(Inner {
                 name: config.name.clone(),
-                bases,
-                keys,
-                next: AtomicUsize::new(0),
+                bases: BaseUrls::new(bases, config.base_url_cooldown()),
+                keys: Keys::new(keys, config.key_cooldown(), config.key_revoked_cooldown()),
                 timeout: config.timeout(),
                 client: client.client.clone(),
             }),
@@ -117,47 +116,51 @@ impl Inner {
         let body = to_gemini_request(&call.request)?;
         let body = serde_json::to_vec(&body)
             .map_err(|err| GatewayError::Internal(format!("encoding the request: {err}")))?;
-        let turn = self.next.fetch_add(1, Ordering::Relaxed);
-        let base = &self.bases[turn % self.bases.len()];
-        let url = if stream {
-            format!("{base}/models/{model}:streamGenerateContent?alt=sse")
-        } else {
-            format!("{base}/models/{model}:generateContent")
-        };
-        let uri = url
-            .parse::<Uri>()
-            .map_err(|err| GatewayError::Internal(format!("gemini URL: {err}")))?;
-        let mut builder = Request::builder()
-            .method(Method::POST)
-            .uri(uri)
-            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .header(
-                ACCEPT,
-                HeaderValue::from_static(if stream {
-                    "text/event-stream"
-                } else {
-                    "application/json"
-                }),
-            );
-        if !self.keys.is_empty() {
-            builder = builder.header(
-                HeaderName::from_static("x-goog-api-key"),
-                self.keys[turn % self.keys.len()].clone(),
-            );
-        }
-        let request = builder
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|err| GatewayError::Internal(format!("building the request: {err}")))?;
-        let response = self
-            .client
-            .request(request)
-            .await
-            .map_err(|err| unavailable(&self.name, &err))?;
+        let key = self.keys.pick();
+        let body = Bytes::from(body);
+        let response = send(&self.name, &self.client, &self.bases, |base| {
+            let url = if stream {
+                format!("{base}/models/{model}:streamGenerateContent?alt=sse")
+            } else {
+                format!("{base}/models/{model}:generateContent")
+            };
+            let uri = url
+                .parse::<Uri>()
+                .map_err(|err| GatewayError::Internal(format!("gemini URL: {err}")))?;
+            let mut builder = Request::builder()
+                .method(Method::POST)
+                .uri(uri)
+                .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+                .header(
+                    ACCEPT,
+                    HeaderValue::from_static(if stream {
+                        "text/event-stream"
+                    } else {
+                        "application/json"
+                    }),
+                );
+            if let Some(key) = &key {
+                builder =
+                    builder.header(HeaderName::from_static("x-goog-api-key"), key.value.clone());
+            }
+            builder
+                .body(Full::new(body.clone()))
+                .map_err(|err| GatewayError::Internal(format!("building the request: {err}")))
+        })
+        .await?;
         let status = response.status();
         let vendor_request_id = header_string(response.headers(), "x-goog-request-id");
         let body = response.into_body();
         if !status.is_success() {
-            let body = read_body(&self.name, body, MAX_ERROR_BYTES).await?;
+            let body = read_body(&self.name, body, MAX_ERROR_BYTES).await;
+            self.keys.judge(
+                &self.name,
+                key.as_ref(),
+                status,
+                body.as_deref().unwrap_or_default(),
+                quota_exhausted,
+            );
+            let body = body?;
             return Err(error_from_gemini(&self.name, status, &body));
         }
         let created = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -181,5 +184,59 @@ impl Inner {
             vendor_response_id: translated.response_id,
             vendor_request_id,
         }))
+    }
+}
+
+/// Gemini says `RESOURCE_EXHAUSTED` both for a quota used up and for a burst of requests; only
+/// a `google.rpc.QuotaFailure` detail names a quota, which then stays exhausted for a while.
+fn quota_exhausted(body: &Value) -> bool {
+    // Streaming endpoints without `alt=sse` wrap the error in an array.
+    let error = match body {
+        Value::Array(items) => items.first().and_then(|item| item.get("error")),
+        value => value.get("error"),
+    };
+    let Some(error) = error else {
+        return false;
+    };
+    error.get("status").and_then(Value::as_str) == Some("RESOURCE_EXHAUSTED")
+        && error
+            .get("details")
+            .and_then(Value::as_array)
+            .is_some_and(|details| {
+                details.iter().any(|detail| {
+                    detail
+                        .get("@type")
+                        .and_then(Value::as_str)
+                        .is_some_and(|kind| kind.ends_with("google.rpc.QuotaFailure"))
+                })
+            })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn quota_failures_are_told_from_bursts() {
+        let quota = json!({"error": {"code": 429,
+            "message": "You exceeded your current quota, please check your plan and billing details.",
+            "status": "RESOURCE_EXHAUSTED",
+            "details": [
+                {"@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                 "violations": [{"quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+                                 "quotaId": "GenerateRequestsPerDayPerProjectPerModel-FreeTier"}]},
+                {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "21s"}]}});
+        assert!(quota_exhausted(&quota));
+        assert!(quota_exhausted(&json!([quota])), "the array-wrapped form");
+        let burst = json!({"error": {"code": 429, "message": "Resource has been exhausted (e.g. check quota).",
+            "status": "RESOURCE_EXHAUSTED"}});
+        assert!(!quota_exhausted(&burst));
+        let retry_only = json!({"error": {"code": 429, "message": "slow down", "status": "RESOURCE_EXHAUSTED",
+            "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "3s"}]}});
+        assert!(!quota_exhausted(&retry_only));
+        let unavailable = json!({"error": {"code": 503, "message": "overloaded", "status": "UNAVAILABLE",
+            "details": [{"@type": "type.googleapis.com/google.rpc.QuotaFailure"}]}});
+        assert!(!quota_exhausted(&unavailable));
     }
 }

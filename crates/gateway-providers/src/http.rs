@@ -1,5 +1,6 @@
-//! What every HTTP provider kind does the same way: reading bounded bodies and describing
-//! transport failures.
+//! What every HTTP provider kind does the same way: reading bounded bodies, describing
+//! transport failures and validating base URLs and keys. Choosing among several base URLs and
+//! keys is in [`crate::rotation`].
 
 use crate::config::ProviderConfig;
 use bytes::Bytes;
@@ -32,6 +33,13 @@ pub(crate) async fn read_body(
 /// A failed upstream request as a 502. The legacy client's error hides its cause behind
 /// `source()`; the chain says what actually failed (refused, reset, DNS, TLS).
 pub(crate) fn unavailable(provider: &str, err: &hyper_util::client::legacy::Error) -> GatewayError {
+    GatewayError::UpstreamUnavailable {
+        provider: provider.to_owned(),
+        reason: error_chain(err),
+    }
+}
+
+pub(crate) fn error_chain(err: &hyper_util::client::legacy::Error) -> String {
     let mut reason = err.to_string();
     let mut source = std::error::Error::source(err);
     while let Some(cause) = source {
@@ -39,10 +47,7 @@ pub(crate) fn unavailable(provider: &str, err: &hyper_util::client::legacy::Erro
         reason.push_str(&cause.to_string());
         source = cause.source();
     }
-    GatewayError::UpstreamUnavailable {
-        provider: provider.to_owned(),
-        reason,
-    }
+    reason
 }
 
 pub(crate) fn header_string(headers: &http::HeaderMap, name: &str) -> Option<String> {

@@ -2,8 +2,10 @@
 //! and the vendor's answer back into OpenAI format.
 //!
 //! Owns the `[[providers]]` config section, the shared upstream HTTP client (one keep-alive
-//! pool with rustls and `TCP_NODELAY`, kept across config reloads) and one module per provider
-//! kind. It knows nothing of aliases, projects or billing.
+//! pool with rustls and `TCP_NODELAY`, kept across config reloads), the redundancy every HTTP
+//! provider kind shares (base URLs tried in order on connect errors, keys set aside after a
+//! 401/403 or an exhausted quota: `rotation`) and one module per provider kind. It knows
+//! nothing of aliases, projects or billing.
 
 pub mod anthropic;
 mod anthropic_provider;
@@ -14,6 +16,7 @@ mod gemini_provider;
 mod http;
 mod mock;
 mod openai;
+mod rotation;
 mod sse;
 
 pub use anthropic_provider::AnthropicProvider;

@@ -9,8 +9,9 @@ use crate::client::{HyperClient, UpstreamClient};
 use crate::config::{ProviderConfig, ProviderKind};
 use crate::http::{
     MAX_ERROR_BYTES, MAX_RESPONSE_BYTES, endpoints, header_string, is_url_safe, read_body,
-    sensitive_values, unavailable,
+    sensitive_values,
 };
+use crate::rotation::{BaseUrls, Keys, send};
 use crate::sse::openai_events;
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -22,8 +23,8 @@ use gateway_core::provider::{ChatCall, ChatProvider, ChatReply, CompleteReply, S
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Uri};
 use http_body_util::{BodyExt, Full};
+use serde_json::Value;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,11 +43,10 @@ struct Inner {
     name: String,
     flavour: Flavour,
     /// OpenAI: the chat completions URLs. Azure: the base URLs (the deployment is per call).
-    endpoints: Vec<Uri>,
+    endpoints: BaseUrls<Uri>,
     /// Ready-made auth header values (`Bearer KEY`, or Azure's bare key), marked sensitive so
     /// hyper never logs them.
-    authorizations: Vec<HeaderValue>,
-    next: AtomicUsize,
+    authorizations: Keys,
     timeout: Duration,
     client: HyperClient,
 }
@@ -102,9 +102,12 @@ impl OpenAiProvider {
             inner: Arc::new(Inner {
                 name: config.name.clone(),
                 flavour,
-                endpoints,
-                authorizations,
-                next: AtomicUsize::new(0),
+                endpoints: BaseUrls::new(endpoints, config.base_url_cooldown()),
+                authorizations: Keys::new(
+                    authorizations,
+                    config.key_cooldown(),
+                    config.key_revoked_cooldown(),
+                ),
                 timeout: config.timeout(),
                 client: client.client.clone(),
             }),
@@ -143,67 +146,67 @@ impl Inner {
         let body = serde_json::to_vec(&request)
             .map_err(|err| GatewayError::Internal(format!("encoding the request: {err}")))?;
 
-        let turn = self.next.fetch_add(1, Ordering::Relaxed);
-        let base = &self.endpoints[turn % self.endpoints.len()];
-        let endpoint = match &self.flavour {
-            Flavour::OpenAi => base.clone(),
-            Flavour::Azure { api_version } => {
-                // The deployment comes from the routing config, never from the client, but a
-                // name that would change the URL's shape is still refused.
-                if !is_url_safe(&request.model) {
-                    return Err(GatewayError::Internal(format!(
-                        "azure deployment name `{}` is not URL-safe",
-                        request.model
-                    )));
-                }
-                format!(
+        // The deployment comes from the routing config, never from the client, but a name
+        // that would change the URL's shape is still refused.
+        if matches!(self.flavour, Flavour::Azure { .. }) && !is_url_safe(&request.model) {
+            return Err(GatewayError::Internal(format!(
+                "azure deployment name `{}` is not URL-safe",
+                request.model
+            )));
+        }
+        let auth_header = match self.flavour {
+            Flavour::OpenAi => AUTHORIZATION,
+            Flavour::Azure { .. } => http::header::HeaderName::from_static("api-key"),
+        };
+        let key = self.authorizations.pick();
+        let body = Bytes::from(body);
+        let response = send(&self.name, &self.client, &self.endpoints, |base| {
+            let endpoint = match &self.flavour {
+                Flavour::OpenAi => base.clone(),
+                Flavour::Azure { api_version } => format!(
                     "{}/openai/deployments/{}/chat/completions?api-version={api_version}",
                     base.to_string().trim_end_matches('/'),
                     request.model
                 )
                 .parse::<Uri>()
-                .map_err(|err| GatewayError::Internal(format!("azure URL: {err}")))?
+                .map_err(|err| GatewayError::Internal(format!("azure URL: {err}")))?,
+            };
+            let mut builder = Request::builder()
+                .method(Method::POST)
+                .uri(endpoint)
+                .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+                .header(
+                    ACCEPT,
+                    HeaderValue::from_static(if stream {
+                        "text/event-stream"
+                    } else {
+                        "application/json"
+                    }),
+                )
+                // OpenAI's header for a caller-chosen id: lets a vendor ticket be matched to ours.
+                .header("x-client-request-id", request_id.to_header_value());
+            if let Some(key) = &key {
+                builder = builder.header(auth_header.clone(), key.value.clone());
             }
-        };
-        let auth_header = match self.flavour {
-            Flavour::OpenAi => AUTHORIZATION,
-            Flavour::Azure { .. } => http::header::HeaderName::from_static("api-key"),
-        };
-        let mut builder = Request::builder()
-            .method(Method::POST)
-            .uri(endpoint)
-            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .header(
-                ACCEPT,
-                HeaderValue::from_static(if stream {
-                    "text/event-stream"
-                } else {
-                    "application/json"
-                }),
-            )
-            // OpenAI's header for a caller-chosen id: lets a vendor ticket be matched to ours.
-            .header("x-client-request-id", request_id.to_header_value());
-        if !self.authorizations.is_empty() {
-            builder = builder.header(
-                auth_header,
-                self.authorizations[turn % self.authorizations.len()].clone(),
-            );
-        }
-        let upstream_request = builder
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|err| GatewayError::Internal(format!("building the request: {err}")))?;
-
-        let response = self
-            .client
-            .request(upstream_request)
-            .await
-            .map_err(|err| unavailable(&self.name, &err))?;
+            builder
+                .body(Full::new(body.clone()))
+                .map_err(|err| GatewayError::Internal(format!("building the request: {err}")))
+        })
+        .await?;
         let status = response.status();
         let vendor_request_id = header_string(response.headers(), "x-request-id");
         let body = response.into_body();
 
         if !status.is_success() {
-            let body = read_body(&self.name, body, MAX_ERROR_BYTES).await?;
+            let body = read_body(&self.name, body, MAX_ERROR_BYTES).await;
+            self.authorizations.judge(
+                &self.name,
+                key.as_ref(),
+                status,
+                body.as_deref().unwrap_or_default(),
+                quota_exhausted,
+            );
+            let body = body?;
             return Err(GatewayError::UpstreamStatus {
                 provider: self.name.clone(),
                 status,
@@ -232,6 +235,24 @@ impl Inner {
     }
 }
 
+/// OpenAI's error codes for an account out of quota or credit, which (unlike an ordinary rate
+/// limit, also a 429) no wait of seconds fixes. Relays copying OpenAI's errors use them too.
+const QUOTA_CODES: [&str; 3] = [
+    "insufficient_quota",
+    "billing_hard_limit_reached",
+    "billing_not_active",
+];
+
+fn quota_exhausted(body: &Value) -> bool {
+    let Some(error) = body.get("error") else {
+        return false;
+    };
+    ["code", "type"]
+        .iter()
+        .filter_map(|field| error.get(field)?.as_str())
+        .any(|code| QUOTA_CODES.contains(&code))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,11 +267,31 @@ mod tests {
             api_keys: vec![crate::Secret::new("k")],
             api_version: version.map(str::to_owned),
             timeout_secs: 60,
+            base_url_cooldown_secs: 30,
+            key_cooldown_secs: 60,
+            key_revoked_cooldown_secs: 300,
         };
         assert!(OpenAiProvider::new(&config(Some("2024-10-21")), &client, "p").is_ok());
         for bad in [None, Some("2024&x=1")] {
             let errors = OpenAiProvider::new(&config(bad), &client, "providers[0]").unwrap_err();
             assert_eq!(errors[0].path, "providers[0].api_version");
         }
+    }
+
+    #[test]
+    fn quota_errors_are_told_from_rate_limits() {
+        let quota = serde_json::json!({"error": {
+            "message": "You exceeded your current quota, please check your plan and billing details.",
+            "type": "insufficient_quota", "param": null, "code": "insufficient_quota"}});
+        assert!(quota_exhausted(&quota));
+        let hard_limit = serde_json::json!({"error": {"message": "Billing hard limit has been reached",
+            "type": "invalid_request_error", "code": "billing_hard_limit_reached"}});
+        assert!(quota_exhausted(&hard_limit));
+        let rate_limit = serde_json::json!({"error": {
+            "message": "Rate limit reached for gpt-4o on requests per min (RPM): Limit 500.",
+            "type": "requests", "param": null, "code": "rate_limit_exceeded"}});
+        assert!(!quota_exhausted(&rate_limit));
+        assert!(!quota_exhausted(&serde_json::json!({"error": "quota"})));
+        assert!(!quota_exhausted(&serde_json::json!([])));
     }
 }
