@@ -284,3 +284,16 @@ def test_anthropic_sdk_image_served_by_openai_vendor(gateway, claude):
     )
     assert message.content[0].text == MOCK_TEXT
     assert mock_stats(gateway)["images_seen"] == before + 1
+
+
+@pytest.mark.parametrize("alias", ["chat", "gem"])
+def test_openai_sdk_embeddings(gateway, client, alias):
+    # The SDK asks for base64 and decodes it; the result must be plain floats either way.
+    raw = client.embeddings.with_raw_response.create(model=alias, input=["hello", "world"])
+    result = raw.parse()
+    assert [item.index for item in result.data] == [0, 1]
+    assert all(len(item.embedding) == 8 for item in result.data)
+    assert all(isinstance(x, float) for x in result.data[0].embedding)
+    row = usage_row(gateway, raw.headers["x-request-id"])
+    assert row["alias"] == alias and row["status"] == 200
+    assert row["usage_source"] in ("vendor", "estimate")

@@ -17,12 +17,15 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
 use gateway_access::AuthLayer;
-use gateway_core::openai::{ChatCompletionRequest, ModelEntry, ModelList, delta_content_chars};
-use gateway_core::provider::{ChatCall, ChatReply, StreamEvent, StreamEventKind};
+use gateway_core::openai::{
+    ChatCompletionRequest, EmbeddingsRequest, ModelEntry, ModelList, delta_content_chars,
+};
+use gateway_core::provider::{ChatCall, ChatReply, EmbeddingsCall, StreamEvent, StreamEventKind};
 use gateway_core::{
     ErrorType, FinishHold, GatewayError, Principal, RequestContext, RequestObserver,
 };
 use gateway_observability::ObserveLayer;
+use gateway_providers::DynProvider;
 use gateway_providers::anthropic;
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
@@ -155,6 +158,7 @@ impl Service<Request<Incoming>> for Dispatch {
             match (method, request.uri().path()) {
                 (Method::POST, "/v1/chat/completions") => chat_completions(&state, request).await,
                 (Method::POST, "/v1/messages") => anthropic_messages(&state, request).await,
+                (Method::POST, "/v1/embeddings") => embeddings(&state, request).await,
                 (Method::GET, "/v1/models") => list_models(&request),
                 (Method::GET, "/healthz") => Ok(json_response(
                     StatusCode::OK,
@@ -171,6 +175,7 @@ fn unknown_route(method: &Method, path: &str) -> GatewayError {
     let known = [
         "/v1/chat/completions",
         "/v1/messages",
+        "/v1/embeddings",
         "/v1/models",
         "/healthz",
         "/readyz",
@@ -318,32 +323,32 @@ async fn anthropic_messages(
     }
 }
 
-/// The part of every chat-shaped endpoint after parsing: resolve the alias (routing), pick a
-/// target, call its provider under the provider's deadline (policy), and note all of it in the
-/// request's outcome.
-async fn route_and_call(
+/// Routing for every endpoint: resolve the alias for the caller, pick a target, and note it
+/// all in the request's outcome. From here on the request is billable or auditable: it gets a
+/// usage record even if the alias turns out not to exist.
+fn resolve_route(
     context: &RequestContext,
     principal: &Principal,
     snapshot: &Snapshot,
-    mut chat: ChatCompletionRequest,
-) -> Result<ChatReply, GatewayError> {
-    // From here on the request is billable or auditable: it gets a usage record even if the
-    // alias turns out not to exist.
+    alias: &str,
+    stream: bool,
+    estimated_prompt_tokens: u64,
+) -> Result<(Arc<str>, DynProvider), GatewayError> {
     {
         let mut outcome = context.outcome();
         outcome.routed = true;
-        outcome.alias = Some(chat.model.as_str().into());
-        outcome.streamed = chat.is_stream();
-        outcome.estimated_prompt_tokens = chat.estimate_prompt_tokens();
+        outcome.alias = Some(alias.into());
+        outcome.streamed = stream;
+        outcome.estimated_prompt_tokens = estimated_prompt_tokens;
     }
     // An alias the project may not use is reported exactly like a missing one, so a caller
     // cannot probe which aliases exist.
     let route = snapshot
         .routes
-        .resolve(&chat.model)
-        .filter(|_| principal.may_use(&chat.model))
+        .resolve(alias)
+        .filter(|_| principal.may_use(alias))
         .ok_or_else(|| GatewayError::ModelNotFound {
-            model: chat.model.clone(),
+            model: alias.to_owned(),
         })?;
     let target = route.pick();
     let provider = snapshot
@@ -353,19 +358,67 @@ async fn route_and_call(
             GatewayError::Internal(format!("provider `{}` is not built", target.provider))
         })?
         .clone();
-    {
-        let mut outcome = context.outcome();
-        outcome.alias = Some(route.alias.clone());
-        outcome.provider = Some(target.provider.clone());
-        outcome.upstream_model = Some(target.model.clone());
-        outcome.attempts = 1;
-    }
-    chat.model = target.model.to_string();
+    let mut outcome = context.outcome();
+    outcome.alias = Some(route.alias.clone());
+    outcome.provider = Some(target.provider.clone());
+    outcome.upstream_model = Some(target.model.clone());
+    outcome.attempts = 1;
+    Ok((target.model.clone(), provider))
+}
+
+/// The part of every chat-shaped endpoint after parsing: routing, then the provider call under
+/// the provider's deadline (policy).
+async fn route_and_call(
+    context: &RequestContext,
+    principal: &Principal,
+    snapshot: &Snapshot,
+    mut chat: ChatCompletionRequest,
+) -> Result<ChatReply, GatewayError> {
+    let (upstream_model, provider) = resolve_route(
+        context,
+        principal,
+        snapshot,
+        &chat.model,
+        chat.is_stream(),
+        chat.estimate_prompt_tokens(),
+    )?;
+    chat.model = upstream_model.to_string();
     let call = ChatCall {
         request: chat,
         request_id: context.id,
     };
     gateway_policy::with_deadline(provider.name(), provider.timeout(), provider.chat(call)).await
+}
+
+/// `POST /v1/embeddings`, served by the `openai`, `azure` and `gemini` kinds.
+async fn embeddings(
+    state: &AppState,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let (context, principal, snapshot) = request_parts(&request)?;
+    let body = read_body(request, state.max_body_bytes).await?;
+    let mut embeddings = EmbeddingsRequest::from_json(&body)?;
+    let (upstream_model, provider) = resolve_route(
+        &context,
+        &principal,
+        &snapshot,
+        &embeddings.model,
+        false,
+        embeddings.estimate_prompt_tokens(),
+    )?;
+    embeddings.model = upstream_model.to_string();
+    let call = EmbeddingsCall {
+        request: embeddings,
+        request_id: context.id,
+    };
+    let reply = gateway_policy::with_deadline(
+        provider.name(),
+        provider.timeout(),
+        provider.embeddings(call),
+    )
+    .await?;
+    note_complete(&context, &reply);
+    Ok(json_response(StatusCode::OK, reply.body))
 }
 
 fn note_complete(context: &RequestContext, reply: &gateway_core::provider::CompleteReply) {

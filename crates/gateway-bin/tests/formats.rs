@@ -281,3 +281,71 @@ async fn vendor_errors_keep_status_and_message_across_formats() {
     let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
     assert!(last["error"]["message"].is_string(), "{events:?}");
 }
+
+#[tokio::test]
+async fn embeddings_through_openai_azure_and_gemini() {
+    let mut h = Harness::start().await;
+    let mut ids = Vec::new();
+    for alias in ["chat", "az", "gem"] {
+        let response = h
+            .post("/v1/embeddings")
+            .json(&json!({"model": alias, "input": ["hello", "world"]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{alias}");
+        ids.push(
+            response.headers()["x-request-id"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+        let body: Value = response.json().await.unwrap();
+        let data = body["data"].as_array().unwrap();
+        assert_eq!(data.len(), 2, "{alias}: {body}");
+        assert_eq!(data[1]["index"], 1);
+        assert_eq!(data[0]["embedding"].as_array().unwrap().len(), 8, "{alias}");
+    }
+    let paths: Vec<String> = h
+        .upstream
+        .requests()
+        .iter()
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/v1/embeddings",
+            "/openai/deployments/dep-1/embeddings",
+            "/v1beta/models/gemini-test:batchEmbedContents"
+        ]
+    );
+    // The OpenAI SDKs ask for base64 by default; a translated answer honours it.
+    let response = h
+        .post("/v1/embeddings")
+        .json(&json!({"model": "gem", "input": "hello", "encoding_format": "base64"}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = response.json().await.unwrap();
+    assert!(body["data"][0]["embedding"].is_string(), "{body}");
+    // A kind without an embeddings API is a clear 400, not a vendor's confusing answer.
+    for alias in ["claude", "local"] {
+        let response = h
+            .post("/v1/embeddings")
+            .json(&json!({"model": alias, "input": "hello"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{alias}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["param"], "model");
+    }
+    let rows = h.finish().await;
+    let of = |id: &String| rows.iter().find(|r| &r.request_id == id).unwrap();
+    assert_eq!(of(&ids[0]).usage_source.as_deref(), Some("vendor"));
+    assert!(of(&ids[0]).input_tokens.unwrap() > 0);
+    // Gemini reports no token counts for embeddings: the row says it is an estimate.
+    assert_eq!(of(&ids[2]).usage_source.as_deref(), Some("estimate"));
+    assert_eq!(of(&ids[2]).input_tokens, Some(4));
+}

@@ -257,6 +257,83 @@ impl CompletionSummary {
     }
 }
 
+/// `POST /v1/embeddings` request. `input` is typed so that a malformed one is a 400 naming it;
+/// everything else (`encoding_format`, `dimensions`, `user`, ...) is forwarded as it is.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct EmbeddingsRequest {
+    pub model: String,
+    pub input: EmbeddingInput,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum EmbeddingInput {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenBatches(Vec<Vec<u32>>),
+}
+
+impl EmbeddingsRequest {
+    pub fn from_json(body: &[u8]) -> Result<Self, GatewayError> {
+        let mut deserializer = serde_json::Deserializer::from_slice(body);
+        let request: Self = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+            let path = err.path().to_string();
+            let inner = err.into_inner();
+            if inner.is_syntax() || inner.is_eof() || path == "." {
+                GatewayError::invalid_request(
+                    format!("We could not parse the JSON body of your request: {inner}"),
+                    None,
+                )
+            } else {
+                GatewayError::invalid_request(
+                    format!(
+                        "Invalid value for '{path}': expected a string, an array of strings, or \
+                         an array of token arrays ({inner})"
+                    ),
+                    Some(path),
+                )
+            }
+        })?;
+        let empty = match &request.input {
+            EmbeddingInput::Text(text) => text.is_empty(),
+            EmbeddingInput::Texts(texts) => texts.is_empty() || texts.iter().any(String::is_empty),
+            EmbeddingInput::Tokens(tokens) => tokens.is_empty(),
+            EmbeddingInput::TokenBatches(batches) => {
+                batches.is_empty() || batches.iter().any(Vec::is_empty)
+            }
+        };
+        if empty {
+            return Err(GatewayError::invalid_request(
+                "'input' must not be empty.",
+                Some("input".into()),
+            ));
+        }
+        if request.model.is_empty() {
+            return Err(GatewayError::invalid_request(
+                "'model' must not be empty.",
+                Some("model".into()),
+            ));
+        }
+        Ok(request)
+    }
+
+    /// Input size in tokens, roughly, for when a vendor reports no usage.
+    pub fn estimate_prompt_tokens(&self) -> u64 {
+        match &self.input {
+            EmbeddingInput::Text(text) => (text.chars().count() as u64).div_ceil(4),
+            EmbeddingInput::Texts(texts) => texts
+                .iter()
+                .map(|text| (text.chars().count() as u64).div_ceil(4))
+                .sum(),
+            EmbeddingInput::Tokens(tokens) => tokens.len() as u64,
+            EmbeddingInput::TokenBatches(batches) => batches.iter().map(|b| b.len() as u64).sum(),
+        }
+    }
+}
+
 /// Characters of content in one `chat.completion.chunk` (all choices), read without
 /// materialising the rest of the chunk. Used to estimate output tokens.
 pub fn delta_content_chars(chunk: &[u8]) -> u64 {
@@ -382,6 +459,34 @@ mod tests {
         )
         .unwrap();
         assert!(!content.is_usage_only_chunk());
+    }
+
+    #[test]
+    fn embeddings_input_is_validated() {
+        for ok in [
+            r#"{"model":"e","input":"hi"}"#,
+            r#"{"model":"e","input":["a","b"],"dimensions":8}"#,
+            r#"{"model":"e","input":[1,2,3]}"#,
+            r#"{"model":"e","input":[[1],[2,3]]}"#,
+        ] {
+            EmbeddingsRequest::from_json(ok.as_bytes()).unwrap();
+        }
+        for (bad, param) in [
+            (r#"{"model":"e","input":""}"#, Some("input")),
+            (r#"{"model":"e","input":[]}"#, Some("input")),
+            (r#"{"model":"e","input":{"x":1}}"#, Some("input")),
+            (r#"{"input":"x"}"#, None),
+        ] {
+            match EmbeddingsRequest::from_json(bad.as_bytes()).unwrap_err() {
+                GatewayError::InvalidRequest { param: got, .. } => {
+                    assert_eq!(got.as_deref(), param, "{bad}");
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        let request =
+            EmbeddingsRequest::from_json(br#"{"model":"e","input":["abcd","ef"]}"#).unwrap();
+        assert_eq!(request.estimate_prompt_tokens(), 2);
     }
 
     #[test]

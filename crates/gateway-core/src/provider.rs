@@ -5,7 +5,7 @@
 
 use crate::context::RequestId;
 use crate::error::GatewayError;
-use crate::openai::{ChatCompletionRequest, Usage};
+use crate::openai::{ChatCompletionRequest, EmbeddingsRequest, Usage};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
@@ -14,6 +14,13 @@ use futures_util::stream::BoxStream;
 #[derive(Debug)]
 pub struct ChatCall {
     pub request: ChatCompletionRequest,
+    pub request_id: RequestId,
+}
+
+/// One embeddings request to send upstream. `request.model` already holds the upstream model.
+#[derive(Debug)]
+pub struct EmbeddingsCall {
+    pub request: EmbeddingsRequest,
     pub request_id: RequestId,
 }
 
@@ -93,6 +100,23 @@ pub trait ChatProvider: Send + Sync + 'static {
     /// not streaming) arrived. The future owns everything it needs, so the caller may race it
     /// against a deadline and drop it to cancel the upstream request.
     fn chat(&self, call: ChatCall) -> BoxFuture<'static, Result<ChatReply, GatewayError>>;
+
+    /// Embeddings, answered in OpenAI's format. Kinds whose vendor has no embeddings API keep
+    /// this default: a clear 400 rather than a request the vendor would refuse.
+    fn embeddings(
+        &self,
+        call: EmbeddingsCall,
+    ) -> BoxFuture<'static, Result<CompleteReply, GatewayError>> {
+        let _upstream_model = call.request.model;
+        let message = format!(
+            "This model is served by provider `{}`, which does not offer embeddings.",
+            self.name()
+        );
+        Box::pin(std::future::ready(Err(GatewayError::invalid_request(
+            message,
+            Some("model".into()),
+        ))))
+    }
 }
 
 impl std::fmt::Debug for dyn ChatProvider {

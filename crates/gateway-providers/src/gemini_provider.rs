@@ -6,7 +6,10 @@
 
 use crate::client::{HyperClient, UpstreamClient};
 use crate::config::ProviderConfig;
-use crate::gemini::{GeminiToOpenAi, error_from_gemini, to_gemini_request, to_openai_response};
+use crate::gemini::{
+    EmbeddingEncoding, GeminiToOpenAi, error_from_gemini, to_gemini_embeddings_request,
+    to_gemini_request, to_openai_embeddings_response_encoded, to_openai_response,
+};
 use crate::http::{
     MAX_ERROR_BYTES, MAX_RESPONSE_BYTES, endpoints, header_string, is_url_safe, read_body,
     sensitive_values,
@@ -19,7 +22,7 @@ use futures_util::future::BoxFuture;
 use gateway_core::GatewayError;
 use gateway_core::config::ConfigError;
 use gateway_core::provider::{
-    ChatCall, ChatProvider, ChatReply, CompleteReply, StreamEvent, StreamReply,
+    ChatCall, ChatProvider, ChatReply, CompleteReply, EmbeddingsCall, StreamEvent, StreamReply,
 };
 use http::header::{ACCEPT, CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{Method, Request, Uri};
@@ -85,6 +88,14 @@ impl ChatProvider for GeminiProvider {
         let inner = self.inner.clone();
         Box::pin(async move { inner.chat(call).await })
     }
+
+    fn embeddings(
+        &self,
+        call: EmbeddingsCall,
+    ) -> BoxFuture<'static, Result<CompleteReply, GatewayError>> {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.embeddings(call).await })
+    }
 }
 
 struct Stream(GeminiToOpenAi);
@@ -100,31 +111,34 @@ impl EventTranslator for Stream {
 }
 
 impl Inner {
-    async fn chat(&self, call: ChatCall) -> Result<ChatReply, GatewayError> {
-        let stream = call.request.is_stream();
-        let model = call
-            .request
-            .model
-            .strip_prefix("models/")
-            .unwrap_or(&call.request.model)
-            .to_owned();
-        if !is_url_safe(&model) {
-            return Err(GatewayError::Internal(format!(
+    /// The model as it goes in the URL (Gemini names may be given as `models/NAME`).
+    fn url_model(model: &str) -> Result<String, GatewayError> {
+        let model = model.strip_prefix("models/").unwrap_or(model);
+        if is_url_safe(model) {
+            Ok(model.to_owned())
+        } else {
+            Err(GatewayError::Internal(format!(
                 "gemini model name `{model}` is not URL-safe"
-            )));
+            )))
         }
-        let body = to_gemini_request(&call.request)?;
-        let body = serde_json::to_vec(&body)
+    }
+
+    /// Sends `body` to `{base}/models/{model}:{method}` on the first reachable base URL. A
+    /// vendor error comes back as the gateway error it maps to, after noting whether it
+    /// condemns the key.
+    async fn post(
+        &self,
+        model: &str,
+        method: &str,
+        body: &serde_json::Value,
+        stream: bool,
+    ) -> Result<(Option<String>, hyper::body::Incoming), GatewayError> {
+        let body = serde_json::to_vec(body)
             .map_err(|err| GatewayError::Internal(format!("encoding the request: {err}")))?;
         let key = self.keys.pick();
         let body = Bytes::from(body);
         let response = send(&self.name, &self.client, &self.bases, |base| {
-            let url = if stream {
-                format!("{base}/models/{model}:streamGenerateContent?alt=sse")
-            } else {
-                format!("{base}/models/{model}:generateContent")
-            };
-            let uri = url
+            let uri = format!("{base}/models/{model}:{method}")
                 .parse::<Uri>()
                 .map_err(|err| GatewayError::Internal(format!("gemini URL: {err}")))?;
             let mut builder = Request::builder()
@@ -163,12 +177,25 @@ impl Inner {
             let body = body?;
             return Err(error_from_gemini(&self.name, status, &body));
         }
+        Ok((vendor_request_id, body))
+    }
+
+    async fn chat(&self, call: ChatCall) -> Result<ChatReply, GatewayError> {
+        let stream = call.request.is_stream();
+        let model = Self::url_model(&call.request.model)?;
+        let request = to_gemini_request(&call.request)?;
+        let method = if stream {
+            "streamGenerateContent?alt=sse"
+        } else {
+            "generateContent"
+        };
+        let (vendor_request_id, body) = self.post(&model, method, &request, stream).await?;
         let created = time::OffsetDateTime::now_utc().unix_timestamp();
         if stream {
             let events = translated_events(
                 self.name.clone(),
                 body.into_data_stream(),
-                Stream(GeminiToOpenAi::new(&model, created)),
+                Stream(GeminiToOpenAi::new(&model, created).with_provider(&self.name)),
             )
             .boxed();
             return Ok(ChatReply::Stream(StreamReply {
@@ -184,6 +211,26 @@ impl Inner {
             vendor_response_id: translated.response_id,
             vendor_request_id,
         }))
+    }
+
+    async fn embeddings(&self, call: EmbeddingsCall) -> Result<CompleteReply, GatewayError> {
+        let model = Self::url_model(&call.request.model)?;
+        let openai_body = serde_json::to_value(&call.request)
+            .map_err(|err| GatewayError::Internal(format!("encoding the request: {err}")))?;
+        let request = to_gemini_embeddings_request(&openai_body, &model)?;
+        let (vendor_request_id, body) = self
+            .post(&model, "batchEmbedContents", &request, false)
+            .await?;
+        let body = read_body(&self.name, body, MAX_RESPONSE_BYTES).await?;
+        // The OpenAI SDKs ask for base64 by default; the answer must be in the encoding asked.
+        let encoding = EmbeddingEncoding::from_request(&openai_body)?;
+        let translated = to_openai_embeddings_response_encoded(&body, &model, encoding)?;
+        Ok(CompleteReply {
+            body: translated.body,
+            usage: translated.usage,
+            vendor_response_id: translated.response_id,
+            vendor_request_id,
+        })
     }
 }
 

@@ -11,15 +11,17 @@ use crate::http::{
     MAX_ERROR_BYTES, MAX_RESPONSE_BYTES, endpoints, header_string, is_url_safe, read_body,
     sensitive_values,
 };
-use crate::rotation::{BaseUrls, Keys, send};
+use crate::rotation::{BaseUrls, Key, Keys, send};
 use crate::sse::openai_events;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use gateway_core::GatewayError;
 use gateway_core::config::ConfigError;
 use gateway_core::openai::CompletionSummary;
-use gateway_core::provider::{ChatCall, ChatProvider, ChatReply, CompleteReply, StreamReply};
+use gateway_core::provider::{
+    ChatCall, ChatProvider, ChatReply, CompleteReply, EmbeddingsCall, StreamReply,
+};
+use gateway_core::{GatewayError, RequestId};
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Uri};
 use http_body_util::{BodyExt, Full};
@@ -43,7 +45,7 @@ struct Inner {
     name: String,
     flavour: Flavour,
     /// OpenAI: the chat completions URLs. Azure: the base URLs (the deployment is per call).
-    endpoints: BaseUrls<Uri>,
+    endpoints: BaseUrls<Endpoint>,
     /// Ready-made auth header values (`Bearer KEY`, or Azure's bare key), marked sensitive so
     /// hyper never logs them.
     authorizations: Keys,
@@ -80,12 +82,10 @@ impl OpenAiProvider {
             },
             _ => Flavour::OpenAi,
         };
-        let suffix = match flavour {
-            Flavour::OpenAi => "/chat/completions",
-            // The deployment is part of the path, so the rest is built per call.
-            Flavour::Azure { .. } => "",
-        };
-        let endpoints = endpoints(config, path, suffix, &mut errors);
+        let endpoints = endpoints(config, path, "", &mut errors)
+            .into_iter()
+            .filter_map(|base| Endpoint::new(&base))
+            .collect();
         let authorizations = sensitive_values(
             config,
             path,
@@ -128,30 +128,31 @@ impl ChatProvider for OpenAiProvider {
         let inner = self.inner.clone();
         Box::pin(async move { inner.chat(call).await })
     }
+
+    fn embeddings(
+        &self,
+        call: EmbeddingsCall,
+    ) -> BoxFuture<'static, Result<CompleteReply, GatewayError>> {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.embeddings(call).await })
+    }
 }
 
 impl Inner {
-    async fn chat(&self, call: ChatCall) -> Result<ChatReply, GatewayError> {
-        let ChatCall {
-            mut request,
-            request_id,
-        } = call;
-        let stream = request.is_stream();
-        if stream {
-            request
-                .stream_options
-                .get_or_insert_with(Default::default)
-                .include_usage = Some(true);
-        }
-        let body = serde_json::to_vec(&request)
-            .map_err(|err| GatewayError::Internal(format!("encoding the request: {err}")))?;
-
+    /// Sends one request to the first reachable base URL, with one of the keys.
+    async fn post(
+        &self,
+        operation: Operation,
+        model: &str,
+        body: Vec<u8>,
+        stream: bool,
+        request_id: RequestId,
+    ) -> Result<(hyper::Response<hyper::body::Incoming>, Option<Key>), GatewayError> {
         // The deployment comes from the routing config, never from the client, but a name
         // that would change the URL's shape is still refused.
-        if matches!(self.flavour, Flavour::Azure { .. }) && !is_url_safe(&request.model) {
+        if matches!(self.flavour, Flavour::Azure { .. }) && !is_url_safe(model) {
             return Err(GatewayError::Internal(format!(
-                "azure deployment name `{}` is not URL-safe",
-                request.model
+                "azure deployment name `{model}` is not URL-safe"
             )));
         }
         let auth_header = match self.flavour {
@@ -160,20 +161,10 @@ impl Inner {
         };
         let key = self.authorizations.pick();
         let body = Bytes::from(body);
-        let response = send(&self.name, &self.client, &self.endpoints, |base| {
-            let endpoint = match &self.flavour {
-                Flavour::OpenAi => base.clone(),
-                Flavour::Azure { api_version } => format!(
-                    "{}/openai/deployments/{}/chat/completions?api-version={api_version}",
-                    base.to_string().trim_end_matches('/'),
-                    request.model
-                )
-                .parse::<Uri>()
-                .map_err(|err| GatewayError::Internal(format!("azure URL: {err}")))?,
-            };
+        let response = send(&self.name, &self.client, &self.endpoints, |endpoint| {
             let mut builder = Request::builder()
                 .method(Method::POST)
-                .uri(endpoint)
+                .uri(endpoint.uri(&self.flavour, operation, model)?)
                 .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
                 .header(
                     ACCEPT,
@@ -193,25 +184,90 @@ impl Inner {
                 .map_err(|err| GatewayError::Internal(format!("building the request: {err}")))
         })
         .await?;
+        Ok((response, key))
+    }
+
+    /// A vendor's error answer: relayed as it is, after noting whether it condemns the key.
+    async fn vendor_error(
+        &self,
+        status: http::StatusCode,
+        body: hyper::body::Incoming,
+        key: Option<&Key>,
+    ) -> GatewayError {
+        let body = read_body(&self.name, body, MAX_ERROR_BYTES).await;
+        self.authorizations.judge(
+            &self.name,
+            key,
+            status,
+            body.as_deref().unwrap_or_default(),
+            quota_exhausted,
+        );
+        match body {
+            Ok(body) => GatewayError::UpstreamStatus {
+                provider: self.name.clone(),
+                status,
+                body,
+            },
+            Err(err) => err,
+        }
+    }
+
+    async fn embeddings(&self, call: EmbeddingsCall) -> Result<CompleteReply, GatewayError> {
+        let body = serde_json::to_vec(&call.request)
+            .map_err(|err| GatewayError::Internal(format!("encoding the request: {err}")))?;
+        let (response, key) = self
+            .post(
+                Operation::Embeddings,
+                &call.request.model,
+                body,
+                false,
+                call.request_id,
+            )
+            .await?;
+        let status = response.status();
+        let vendor_request_id = header_string(response.headers(), "x-request-id");
+        let body = response.into_body();
+        if !status.is_success() {
+            return Err(self.vendor_error(status, body, key.as_ref()).await);
+        }
+        let body = read_body(&self.name, body, MAX_RESPONSE_BYTES).await?;
+        let summary =
+            CompletionSummary::parse(&body).ok_or_else(|| GatewayError::UpstreamProtocol {
+                provider: self.name.clone(),
+                reason: "the embeddings answer is not valid JSON".into(),
+            })?;
+        Ok(CompleteReply {
+            body,
+            usage: summary.usage,
+            vendor_response_id: summary.id,
+            vendor_request_id,
+        })
+    }
+
+    async fn chat(&self, call: ChatCall) -> Result<ChatReply, GatewayError> {
+        let ChatCall {
+            mut request,
+            request_id,
+        } = call;
+        let stream = request.is_stream();
+        if stream {
+            request
+                .stream_options
+                .get_or_insert_with(Default::default)
+                .include_usage = Some(true);
+        }
+        let body = serde_json::to_vec(&request)
+            .map_err(|err| GatewayError::Internal(format!("encoding the request: {err}")))?;
+
+        let (response, key) = self
+            .post(Operation::Chat, &request.model, body, stream, request_id)
+            .await?;
         let status = response.status();
         let vendor_request_id = header_string(response.headers(), "x-request-id");
         let body = response.into_body();
 
         if !status.is_success() {
-            let body = read_body(&self.name, body, MAX_ERROR_BYTES).await;
-            self.authorizations.judge(
-                &self.name,
-                key.as_ref(),
-                status,
-                body.as_deref().unwrap_or_default(),
-                quota_exhausted,
-            );
-            let body = body?;
-            return Err(GatewayError::UpstreamStatus {
-                provider: self.name.clone(),
-                status,
-                body,
-            });
+            return Err(self.vendor_error(status, body, key.as_ref()).await);
         }
         if stream {
             let events = openai_events(self.name.clone(), body.into_data_stream()).boxed();
@@ -232,6 +288,61 @@ impl Inner {
             vendor_response_id: summary.id,
             vendor_request_id,
         }))
+    }
+}
+
+/// One base URL and the OpenAI URLs under it, parsed once rather than per request.
+#[derive(Debug, Clone)]
+struct Endpoint {
+    /// The base without its trailing slash, for Azure's per-deployment paths.
+    base: String,
+    chat: Uri,
+    embeddings: Uri,
+}
+
+impl Endpoint {
+    /// `base` is an already validated http(s) URL, so the derived ones parse too.
+    fn new(base: &Uri) -> Option<Self> {
+        let base = base.to_string().trim_end_matches('/').to_owned();
+        Some(Self {
+            chat: format!("{base}/chat/completions").parse().ok()?,
+            embeddings: format!("{base}/embeddings").parse().ok()?,
+            base,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Operation {
+    Chat,
+    Embeddings,
+}
+
+impl Endpoint {
+    fn uri(
+        &self,
+        flavour: &Flavour,
+        operation: Operation,
+        model: &str,
+    ) -> Result<Uri, GatewayError> {
+        match flavour {
+            Flavour::OpenAi => Ok(match operation {
+                Operation::Chat => self.chat.clone(),
+                Operation::Embeddings => self.embeddings.clone(),
+            }),
+            Flavour::Azure { api_version } => {
+                let path = match operation {
+                    Operation::Chat => "chat/completions",
+                    Operation::Embeddings => "embeddings",
+                };
+                format!(
+                    "{}/openai/deployments/{model}/{path}?api-version={api_version}",
+                    self.base
+                )
+                .parse()
+                .map_err(|err| GatewayError::Internal(format!("azure URL: {err}")))
+            }
+        }
     }
 }
 
