@@ -297,3 +297,26 @@ def test_openai_sdk_embeddings(gateway, client, alias):
     row = usage_row(gateway, raw.headers["x-request-id"])
     assert row["alias"] == alias and row["status"] == 200
     assert row["usage_source"] in ("vendor", "estimate")
+
+
+def test_anthropic_sdk_to_anthropic_vendor_natively(gateway, claude):
+    raw = claude.messages.with_raw_response.create(
+        model="claude", max_tokens=64, messages=[{"role": "user", "content": "hello"}]
+    )
+    message = raw.parse()
+    assert message.id.startswith("msg_up_"), "the vendor's own answer, forwarded"
+    assert message.content[0].text == MOCK_TEXT
+    row = usage_row(gateway, raw.headers["x-request-id"])
+    assert row["provider"] == "claude-upstream"
+    assert row["output_tokens"] == message.usage.output_tokens == 5
+    assert row["input_tokens"] == message.usage.input_tokens
+
+    with claude.messages.stream(
+        model="claude",
+        max_tokens=64,
+        tools=[WEATHER_ANTHROPIC],
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+    ) as stream:
+        final = stream.get_final_message()
+    call = next(block for block in final.content if block.type == "tool_use")
+    assert call.input == {"location": "Paris"}

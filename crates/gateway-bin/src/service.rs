@@ -20,7 +20,10 @@ use gateway_access::AuthLayer;
 use gateway_core::openai::{
     ChatCompletionRequest, EmbeddingsRequest, ModelEntry, ModelList, delta_content_chars,
 };
-use gateway_core::provider::{ChatCall, ChatReply, EmbeddingsCall, StreamEvent, StreamEventKind};
+use gateway_core::provider::{
+    ChatCall, ChatReply, EmbeddingsCall, ForwardBody, ForwardCall, ForwardChunk, ForwardReply,
+    NativeApi, StreamEvent, StreamEventKind,
+};
 use gateway_core::{
     ErrorType, FinishHold, GatewayError, Principal, RequestContext, RequestObserver,
 };
@@ -291,21 +294,59 @@ async fn chat_completions(
     }
 }
 
-/// `POST /v1/messages`: the Anthropic Messages format, served by any provider through the
-/// OpenAI canonical form.
+/// `POST /v1/messages`: the Anthropic Messages format. A vendor that speaks it natively gets
+/// the body as the client sent it (model replaced), so fields and betas the gateway does not
+/// know survive; any other vendor is reached through the OpenAI canonical form.
 async fn anthropic_messages(
     state: &AppState,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let (context, principal, snapshot) = request_parts(&request)?;
+    let client_headers = anthropic_headers(request.headers());
     let body = read_body(request, state.max_body_bytes).await?;
-    let chat = anthropic::from_anthropic_request(&body)?;
+    let head = MessagesHead::parse(&body)?;
     // Anthropic clients read input tokens from `message_start`, before any vendor has counted
     // them: they get an estimate there, and the vendor's count in the final `message_delta`.
     let estimated_input_tokens = (body.len() as u64).div_ceil(4);
-    let model = chat.model.clone();
+    let (upstream_model, provider) = resolve_route(
+        &context,
+        &principal,
+        &snapshot,
+        &head.model,
+        head.stream,
+        estimated_input_tokens,
+    )?;
 
-    match route_and_call(&context, &principal, &snapshot, chat).await? {
+    if provider
+        .native_apis()
+        .contains(&NativeApi::AnthropicMessages)
+    {
+        let call = ForwardCall {
+            api: NativeApi::AnthropicMessages,
+            body: replace_model(&body, &upstream_model)?,
+            headers: client_headers,
+            stream: head.stream,
+            request_id: context.id,
+        };
+        let reply = gateway_policy::with_deadline(
+            provider.name(),
+            provider.timeout(),
+            provider.forward(call),
+        )
+        .await?;
+        return Ok(forwarded_response(context, reply, state.stream_drain));
+    }
+
+    let mut chat = anthropic::from_anthropic_request(&body)?;
+    chat.model = upstream_model.to_string();
+    let call = ChatCall {
+        request: chat,
+        request_id: context.id,
+    };
+    let reply =
+        gateway_policy::with_deadline(provider.name(), provider.timeout(), provider.chat(call))
+            .await?;
+    match reply {
         ChatReply::Complete(reply) => {
             note_complete(&context, &reply);
             let body = anthropic::from_openai_response(&reply.body)?;
@@ -314,13 +355,105 @@ async fn anthropic_messages(
         ChatReply::Stream(reply) => {
             context.outcome().vendor_request_id = reply.vendor_request_id;
             let encoder = AnthropicFrames(anthropic::OpenAiToAnthropic::new(
-                &model,
+                &head.model,
                 estimated_input_tokens,
             ));
             let frames = SseFrames::new(reply.events, encoder, context, state.stream_drain);
             Ok(sse_response(UnsyncBoxBody::new(StreamBody::new(frames))))
         }
     }
+}
+
+/// What routing needs from a Messages request; the rest is the vendor's (or the translator's)
+/// business.
+#[derive(serde::Deserialize)]
+struct MessagesHead {
+    model: String,
+    #[serde(default)]
+    stream: bool,
+}
+
+impl MessagesHead {
+    fn parse(body: &[u8]) -> Result<Self, GatewayError> {
+        let mut deserializer = serde_json::Deserializer::from_slice(body);
+        serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+            let path = err.path().to_string();
+            let inner = err.into_inner();
+            if inner.is_syntax() || inner.is_eof() {
+                GatewayError::invalid_request(
+                    format!("We could not parse the JSON body of your request: {inner}"),
+                    None,
+                )
+            } else {
+                let param = (path != ".").then_some(path);
+                GatewayError::invalid_request(format!("Invalid request: {inner}"), param)
+            }
+        })
+    }
+}
+
+/// The client headers a native Anthropic vendor should see: its API version and the beta
+/// features it asked for (Claude Code depends on them). Nothing else, its key least of all.
+fn anthropic_headers(headers: &http::HeaderMap) -> http::HeaderMap {
+    let mut forwarded = http::HeaderMap::new();
+    for name in ["anthropic-version", "anthropic-beta"] {
+        for value in headers.get_all(name) {
+            forwarded.append(http::HeaderName::from_static(name), value.clone());
+        }
+    }
+    forwarded
+}
+
+/// The body with its top-level `model` replaced, every other value copied byte for byte.
+fn replace_model(body: &[u8], model: &str) -> Result<Bytes, GatewayError> {
+    let mut fields: std::collections::BTreeMap<String, &serde_json::value::RawValue> =
+        serde_json::from_slice(body).map_err(|err| {
+            GatewayError::invalid_request(format!("The body must be a JSON object: {err}"), None)
+        })?;
+    let model = serde_json::value::to_raw_value(model)
+        .map_err(|err| GatewayError::Internal(format!("encoding the model: {err}")))?;
+    fields.insert("model".to_owned(), &model);
+    serde_json::to_vec(&fields)
+        .map(Bytes::from)
+        .map_err(|err| GatewayError::Internal(format!("encoding the request: {err}")))
+}
+
+/// A vendor's own answer, relayed with its status; usage and timing noted on the way.
+fn forwarded_response(
+    context: Arc<RequestContext>,
+    reply: ForwardReply,
+    drain: Duration,
+) -> Response<ResponseBody> {
+    let status = reply.status;
+    let content_type = reply.content_type;
+    context.outcome().vendor_request_id = reply.vendor_request_id;
+    let mut response = match reply.body {
+        ForwardBody::Complete {
+            bytes,
+            usage,
+            response_id,
+        } => {
+            let mut outcome = context.outcome();
+            outcome.usage = usage;
+            outcome.vendor_response_id = response_id;
+            outcome.time_to_first_token = Some(context.elapsed());
+            if !status.is_success() {
+                outcome.error_type = Some(ErrorType::UpstreamError);
+            }
+            drop(outcome);
+            let mut response = json_response(status, bytes);
+            *response.status_mut() = status;
+            response
+        }
+        ForwardBody::Stream(chunks) => {
+            let frames = SseFrames::new(chunks, Relay, context, drain);
+            sse_response(UnsyncBoxBody::new(StreamBody::new(frames)))
+        }
+    };
+    if let Some(content_type) = content_type {
+        response.headers_mut().insert(CONTENT_TYPE, content_type);
+    }
+    response
 }
 
 /// Routing for every endpoint: resolve the alias for the caller, pick a target, and note it
@@ -461,9 +594,46 @@ fn sse_response(body: ResponseBody) -> Response<ResponseBody> {
     response
 }
 
-/// How stream events become the client's SSE frames.
-trait FrameEncoder: Send + Unpin + 'static {
-    fn encode(&mut self, event: &StreamEvent) -> Result<Vec<Bytes>, GatewayError>;
+/// What the request path reads from one item of an upstream stream.
+trait StreamItem: Send + 'static {
+    /// Notes what the item tells about the request (usage, timing, ids).
+    fn note(&self, context: &RequestContext);
+    /// The vendor's last item: nothing follows.
+    fn is_last(&self) -> bool;
+}
+
+impl StreamItem for StreamEvent {
+    fn note(&self, context: &RequestContext) {
+        note_event(context, self);
+    }
+
+    fn is_last(&self) -> bool {
+        self.kind == StreamEventKind::Done
+    }
+}
+
+impl StreamItem for ForwardChunk {
+    fn note(&self, context: &RequestContext) {
+        let mut outcome = context.outcome();
+        if self.first_output && outcome.time_to_first_token.is_none() {
+            outcome.time_to_first_token = Some(context.elapsed());
+        }
+        if self.usage.is_some() {
+            outcome.usage = self.usage;
+        }
+        if outcome.vendor_response_id.is_none() {
+            outcome.vendor_response_id.clone_from(&self.response_id);
+        }
+    }
+
+    fn is_last(&self) -> bool {
+        self.last
+    }
+}
+
+/// How stream items become the client's SSE frames.
+trait FrameEncoder<I>: Send + Unpin + 'static {
+    fn encode(&mut self, item: &I) -> Result<Vec<Bytes>, GatewayError>;
     /// An error after the status line went out: it can only be an event in the stream.
     fn error(&mut self, error: &GatewayError) -> Bytes;
 }
@@ -474,7 +644,7 @@ struct OpenAiFrames {
     client_wants_usage: bool,
 }
 
-impl FrameEncoder for OpenAiFrames {
+impl FrameEncoder<StreamEvent> for OpenAiFrames {
     fn encode(&mut self, event: &StreamEvent) -> Result<Vec<Bytes>, GatewayError> {
         let forward = event.kind != StreamEventKind::UsageOnly || self.client_wants_usage;
         Ok(if forward {
@@ -492,7 +662,25 @@ impl FrameEncoder for OpenAiFrames {
 /// Anthropic clients get each OpenAI event as the Anthropic events it implies.
 struct AnthropicFrames(anthropic::OpenAiToAnthropic);
 
-impl FrameEncoder for AnthropicFrames {
+/// A native client gets its vendor's events byte for byte.
+struct Relay;
+
+impl FrameEncoder<ForwardChunk> for Relay {
+    fn encode(&mut self, chunk: &ForwardChunk) -> Result<Vec<Bytes>, GatewayError> {
+        Ok(vec![chunk.bytes.clone()])
+    }
+
+    fn error(&mut self, error: &GatewayError) -> Bytes {
+        let (_status, body) = anthropic::error_response(error);
+        let mut frame = BytesMut::with_capacity(body.len() + 24);
+        frame.extend_from_slice(b"event: error\ndata: ");
+        frame.extend_from_slice(&body);
+        frame.extend_from_slice(b"\n\n");
+        frame.freeze()
+    }
+}
+
+impl FrameEncoder<StreamEvent> for AnthropicFrames {
     fn encode(&mut self, event: &StreamEvent) -> Result<Vec<Bytes>, GatewayError> {
         self.0.push(event)
     }
@@ -511,8 +699,8 @@ impl FrameEncoder for AnthropicFrames {
 /// final usage, so an abandoned request is billed as the vendor bills it; the observers wait
 /// for it. Past that limit the upstream response is dropped, which closes the connection so
 /// the vendor stops generating, and the usage is estimated from what was streamed.
-struct SseFrames<E> {
-    events: Option<BoxStream<'static, Result<StreamEvent, GatewayError>>>,
+struct SseFrames<I: StreamItem, E> {
+    events: Option<BoxStream<'static, Result<I, GatewayError>>>,
     encoder: E,
     context: Arc<RequestContext>,
     pending: std::collections::VecDeque<Bytes>,
@@ -521,9 +709,9 @@ struct SseFrames<E> {
     drain: Duration,
 }
 
-impl<E: FrameEncoder> SseFrames<E> {
+impl<I: StreamItem, E: FrameEncoder<I>> SseFrames<I, E> {
     fn new(
-        events: BoxStream<'static, Result<StreamEvent, GatewayError>>,
+        events: BoxStream<'static, Result<I, GatewayError>>,
         encoder: E,
         context: Arc<RequestContext>,
         drain: Duration,
@@ -546,7 +734,7 @@ impl<E: FrameEncoder> SseFrames<E> {
     }
 }
 
-impl<E: FrameEncoder> Stream for SseFrames<E> {
+impl<I: StreamItem, E: FrameEncoder<I>> Stream for SseFrames<I, E> {
     type Item = Result<Frame<Bytes>, Infallible>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -563,10 +751,10 @@ impl<E: FrameEncoder> Stream for SseFrames<E> {
                 return Poll::Ready(None);
             };
             match std::task::ready!(events.poll_next_unpin(cx)) {
-                Some(Ok(event)) => {
-                    note_event(&this.context, &event);
-                    this.ended = event.kind == StreamEventKind::Done;
-                    match this.encoder.encode(&event) {
+                Some(Ok(item)) => {
+                    item.note(&this.context);
+                    this.ended = item.is_last();
+                    match this.encoder.encode(&item) {
                         Ok(frames) => this.pending.extend(frames),
                         Err(err) => this.fail(&err),
                     }
@@ -578,7 +766,7 @@ impl<E: FrameEncoder> Stream for SseFrames<E> {
     }
 }
 
-impl<E> Drop for SseFrames<E> {
+impl<I: StreamItem, E> Drop for SseFrames<I, E> {
     fn drop(&mut self) {
         if self.ended || self.drain.is_zero() {
             return;
@@ -595,16 +783,16 @@ impl<E> Drop for SseFrames<E> {
 }
 
 /// Reads what is left of an abandoned stream, for its usage, for at most `limit`.
-async fn drain_stream(
-    mut events: BoxStream<'static, Result<StreamEvent, GatewayError>>,
+async fn drain_stream<I: StreamItem>(
+    mut events: BoxStream<'static, Result<I, GatewayError>>,
     context: Arc<RequestContext>,
     hold: FinishHold,
     limit: Duration,
 ) {
     let read_to_end = async {
-        while let Some(Ok(event)) = events.next().await {
-            note_event(&context, &event);
-            if event.kind == StreamEventKind::Done {
+        while let Some(Ok(item)) = events.next().await {
+            item.note(&context);
+            if item.is_last() {
                 break;
             }
         }

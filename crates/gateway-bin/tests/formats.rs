@@ -349,3 +349,94 @@ async fn embeddings_through_openai_azure_and_gemini() {
     assert_eq!(of(&ids[2]).usage_source.as_deref(), Some("estimate"));
     assert_eq!(of(&ids[2]).input_tokens, Some(4));
 }
+
+#[tokio::test]
+async fn anthropic_client_to_anthropic_vendor_is_forwarded_natively() {
+    let mut h = Harness::start().await;
+    let response = messages_request(&h)
+        .header("anthropic-beta", "interleaved-thinking-2025-05-14")
+        .json(&json!({
+            "model": "claude",
+            "max_tokens": 2048,
+            "thinking": {"type": "enabled", "budget_tokens": 1024},
+            "context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]},
+            "messages": [{"role": "user", "content": "hello"}]
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: Value = response.json().await.unwrap();
+    // The vendor's own answer, untouched (its id, not a translation's).
+    assert!(
+        body["id"].as_str().unwrap().starts_with("msg_up_"),
+        "{body}"
+    );
+    assert_eq!(body["content"][0]["text"], MOCK_TEXT);
+
+    let upstream = h.upstream.requests().pop().unwrap();
+    assert_eq!(upstream.path, "/v1/messages");
+    assert_eq!(upstream.body["model"], "claude-test");
+    assert_eq!(upstream.body["thinking"]["budget_tokens"], 1024);
+    assert_eq!(
+        upstream.body["context_management"]["edits"][0]["type"],
+        "clear_tool_uses_20250919"
+    );
+    assert_eq!(
+        upstream.headers["anthropic-beta"],
+        "interleaved-thinking-2025-05-14"
+    );
+    assert_eq!(upstream.headers["x-api-key"], UPSTREAM_KEY);
+
+    // Streamed: the vendor's events in the vendor's order, usage read on the way.
+    let response = messages_request(&h)
+        .json(&json!({
+            "model": "claude", "max_tokens": 64, "stream": true,
+            "messages": [{"role": "user", "content": "hello"}]
+        }))
+        .send()
+        .await
+        .unwrap();
+    let stream_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let events = anthropic_events(response).await;
+    let names: Vec<&str> = events.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names[..3], ["message_start", "ping", "content_block_start"]);
+    assert_eq!(names.last(), Some(&"message_stop"));
+
+    // A vendor error reaches a native client unchanged, status and body.
+    for status in [400, 529] {
+        let response = messages_request(&h)
+            .json(&json!({
+                "model": "claude", "max_tokens": 64,
+                "messages": [{"role": "user", "content": format!("[[mock status={status}]]")}]
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), status);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["type"], "error");
+        assert_eq!(
+            body["error"]["message"],
+            format!("mock upstream error {status}")
+        );
+    }
+
+    let rows = h.finish().await;
+    let plain = rows.iter().find(|r| r.request_id == request_id).unwrap();
+    assert_eq!(plain.provider.as_deref(), Some("claude-upstream"));
+    assert_eq!(plain.output_tokens, Some(5));
+    assert_eq!(plain.usage_source.as_deref(), Some("vendor"));
+    let streamed = rows.iter().find(|r| r.request_id == stream_id).unwrap();
+    assert!(streamed.streamed);
+    assert_eq!(streamed.output_tokens, Some(5));
+    assert!(streamed.input_tokens.unwrap() > 0);
+    assert!(streamed.ttft_ms.is_some());
+}

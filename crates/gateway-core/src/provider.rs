@@ -88,6 +88,57 @@ impl StreamEvent {
     }
 }
 
+/// An API a vendor speaks natively, for requests forwarded without translation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NativeApi {
+    /// Anthropic's `POST /v1/messages`.
+    AnthropicMessages,
+}
+
+/// A request in the vendor's own format, forwarded with only the model replaced, so fields and
+/// beta features the gateway does not know survive.
+#[derive(Debug)]
+pub struct ForwardCall {
+    pub api: NativeApi,
+    pub body: Bytes,
+    /// The client's headers the vendor should see (e.g. `anthropic-beta`); nothing else of the
+    /// client's is forwarded, its key least of all.
+    pub headers: http::HeaderMap,
+    pub stream: bool,
+    pub request_id: RequestId,
+}
+
+/// The vendor's answer, in its own format. An error status is relayed as it is: a native
+/// client understands its vendor's errors (and recovers from feature errors by reading them).
+pub struct ForwardReply {
+    pub status: http::StatusCode,
+    pub content_type: Option<http::HeaderValue>,
+    pub vendor_request_id: Option<String>,
+    pub body: ForwardBody,
+}
+
+pub enum ForwardBody {
+    Complete {
+        bytes: Bytes,
+        usage: Option<Usage>,
+        response_id: Option<String>,
+    },
+    Stream(BoxStream<'static, Result<ForwardChunk, GatewayError>>),
+}
+
+/// One piece of a forwarded stream (a whole SSE event), with what it tells about usage.
+#[derive(Debug, Clone)]
+pub struct ForwardChunk {
+    pub bytes: Bytes,
+    /// The usage known so far, once the vendor has reported any.
+    pub usage: Option<Usage>,
+    pub response_id: Option<String>,
+    /// The first piece of generated output: time to first token is measured here.
+    pub first_output: bool,
+    /// The vendor's last event: nothing follows.
+    pub last: bool,
+}
+
 /// A configured upstream (one `[[providers]]` entry) able to serve chat completions.
 pub trait ChatProvider: Send + Sync + 'static {
     /// The provider's configured name (used in logs, records and errors).
@@ -100,6 +151,21 @@ pub trait ChatProvider: Send + Sync + 'static {
     /// not streaming) arrived. The future owns everything it needs, so the caller may race it
     /// against a deadline and drop it to cancel the upstream request.
     fn chat(&self, call: ChatCall) -> BoxFuture<'static, Result<ChatReply, GatewayError>>;
+
+    /// The APIs this provider can take requests in unchanged (see [`ChatProvider::forward`]).
+    fn native_apis(&self) -> &'static [NativeApi] {
+        &[]
+    }
+
+    /// Forwards a request in one of [`ChatProvider::native_apis`] without translation.
+    fn forward(&self, call: ForwardCall) -> BoxFuture<'static, Result<ForwardReply, GatewayError>> {
+        let message = format!(
+            "provider `{}` cannot forward {:?} requests",
+            self.name(),
+            call.api
+        );
+        Box::pin(std::future::ready(Err(GatewayError::Internal(message))))
+    }
 
     /// Embeddings, answered in OpenAI's format. Kinds whose vendor has no embeddings API keep
     /// this default: a clear 400 rather than a request the vendor would refuse.

@@ -9,15 +9,17 @@ use crate::anthropic::{
 use crate::client::{HyperClient, UpstreamClient};
 use crate::config::ProviderConfig;
 use crate::http::{MAX_ERROR_BYTES, MAX_RESPONSE_BYTES, header_string, read_body};
-use crate::rotation::{BaseUrls, Keys, send};
+use crate::rotation::{BaseUrls, Key, Keys, send};
 use crate::sse::{EventTranslator, translated_events};
 use bytes::Bytes;
+use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use gateway_core::GatewayError;
 use gateway_core::config::ConfigError;
 use gateway_core::provider::{
-    ChatCall, ChatProvider, ChatReply, CompleteReply, StreamEvent, StreamReply,
+    ChatCall, ChatProvider, ChatReply, CompleteReply, ForwardBody, ForwardCall, ForwardChunk,
+    ForwardReply, NativeApi, StreamEvent, StreamReply,
 };
 use http::header::{ACCEPT, CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{Method, Request, Uri};
@@ -93,6 +95,15 @@ impl ChatProvider for AnthropicProvider {
         let inner = self.inner.clone();
         Box::pin(async move { inner.chat(call).await })
     }
+
+    fn native_apis(&self) -> &'static [NativeApi] {
+        &[NativeApi::AnthropicMessages]
+    }
+
+    fn forward(&self, call: ForwardCall) -> BoxFuture<'static, Result<ForwardReply, GatewayError>> {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.forward(call).await })
+    }
 }
 
 struct Stream(AnthropicToOpenAi);
@@ -104,13 +115,20 @@ impl EventTranslator for Stream {
 }
 
 impl Inner {
-    async fn chat(&self, call: ChatCall) -> Result<ChatReply, GatewayError> {
-        let stream = call.request.is_stream();
-        let body = to_anthropic_request(&call.request, &call.request.model)?;
-        let body = serde_json::to_vec(&body)
-            .map_err(|err| GatewayError::Internal(format!("encoding the request: {err}")))?;
+    /// Sends a Messages API body to the first reachable base URL with one of the keys. `client`
+    /// holds the client headers to pass on (`anthropic-beta`, and `anthropic-version` when the
+    /// client chose one).
+    async fn post(
+        &self,
+        body: Bytes,
+        stream: bool,
+        client: &http::HeaderMap,
+    ) -> Result<(hyper::Response<hyper::body::Incoming>, Option<Key>), GatewayError> {
         let key = self.keys.pick();
-        let body = Bytes::from(body);
+        let version = client
+            .get("anthropic-version")
+            .cloned()
+            .unwrap_or_else(|| self.version.clone());
         let response = send(&self.name, &self.client, &self.endpoints, |endpoint| {
             let mut builder = Request::builder()
                 .method(Method::POST)
@@ -126,8 +144,11 @@ impl Inner {
                 )
                 .header(
                     HeaderName::from_static("anthropic-version"),
-                    self.version.clone(),
+                    version.clone(),
                 );
+            for beta in client.get_all("anthropic-beta") {
+                builder = builder.header(HeaderName::from_static("anthropic-beta"), beta.clone());
+            }
             if let Some(key) = &key {
                 builder = builder.header(HeaderName::from_static("x-api-key"), key.value.clone());
             }
@@ -136,19 +157,40 @@ impl Inner {
                 .map_err(|err| GatewayError::Internal(format!("building the request: {err}")))
         })
         .await?;
+        Ok((response, key))
+    }
+
+    /// Reads an error answer and notes whether it condemns the key.
+    async fn error_body(
+        &self,
+        status: http::StatusCode,
+        body: hyper::body::Incoming,
+        key: Option<&Key>,
+    ) -> Result<Bytes, GatewayError> {
+        let body = read_body(&self.name, body, MAX_ERROR_BYTES).await;
+        self.keys.judge(
+            &self.name,
+            key,
+            status,
+            body.as_deref().unwrap_or_default(),
+            credit_exhausted,
+        );
+        body
+    }
+
+    async fn chat(&self, call: ChatCall) -> Result<ChatReply, GatewayError> {
+        let stream = call.request.is_stream();
+        let body = to_anthropic_request(&call.request, &call.request.model)?;
+        let body = serde_json::to_vec(&body)
+            .map_err(|err| GatewayError::Internal(format!("encoding the request: {err}")))?;
+        let (response, key) = self
+            .post(Bytes::from(body), stream, &http::HeaderMap::new())
+            .await?;
         let status = response.status();
         let vendor_request_id = header_string(response.headers(), "request-id");
         let body = response.into_body();
         if !status.is_success() {
-            let body = read_body(&self.name, body, MAX_ERROR_BYTES).await;
-            self.keys.judge(
-                &self.name,
-                key.as_ref(),
-                status,
-                body.as_deref().unwrap_or_default(),
-                credit_exhausted,
-            );
-            let body = body?;
+            let body = self.error_body(status, body, key.as_ref()).await?;
             return Err(error_from_anthropic(&self.name, status, &body));
         }
         let created = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -156,7 +198,7 @@ impl Inner {
             let events = translated_events(
                 self.name.clone(),
                 body.into_data_stream(),
-                Stream(AnthropicToOpenAi::new(created)),
+                Stream(AnthropicToOpenAi::new(created).with_provider(&self.name)),
             )
             .boxed();
             return Ok(ChatReply::Stream(StreamReply {
@@ -173,6 +215,93 @@ impl Inner {
             vendor_request_id,
         }))
     }
+
+    /// A Messages API request from an Anthropic client, sent as it came (model replaced). The
+    /// answer goes back unchanged; the translator only reads it, for usage.
+    async fn forward(&self, call: ForwardCall) -> Result<ForwardReply, GatewayError> {
+        let (response, key) = self.post(call.body, call.stream, &call.headers).await?;
+        let status = response.status();
+        let vendor_request_id = header_string(response.headers(), "request-id");
+        let content_type = response.headers().get(CONTENT_TYPE).cloned();
+        let body = response.into_body();
+        if !status.is_success() {
+            let bytes = self.error_body(status, body, key.as_ref()).await?;
+            return Ok(ForwardReply {
+                status,
+                content_type,
+                vendor_request_id,
+                body: ForwardBody::Complete {
+                    bytes,
+                    usage: None,
+                    response_id: None,
+                },
+            });
+        }
+        if call.stream {
+            let chunks = forwarded_events(self.name.clone(), body.into_data_stream()).boxed();
+            return Ok(ForwardReply {
+                status,
+                content_type,
+                vendor_request_id,
+                body: ForwardBody::Stream(chunks),
+            });
+        }
+        let bytes = read_body(&self.name, body, MAX_RESPONSE_BYTES).await?;
+        let translated = to_openai_response(&bytes, 0).ok();
+        Ok(ForwardReply {
+            status,
+            content_type,
+            vendor_request_id,
+            body: ForwardBody::Complete {
+                usage: translated.as_ref().and_then(|t| t.usage),
+                response_id: translated.and_then(|t| t.response_id),
+                bytes,
+            },
+        })
+    }
+}
+
+/// Re-frames each vendor event unchanged, reading its usage on the way.
+fn forwarded_events<S, E>(
+    provider: String,
+    body: S,
+) -> impl futures_util::Stream<Item = Result<ForwardChunk, GatewayError>> + Send + 'static
+where
+    S: futures_util::Stream<Item = Result<Bytes, E>> + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    let mut accounting = AnthropicToOpenAi::new(0).with_provider(&provider);
+    let mut response_id = None;
+    body.eventsource().map(move |event| {
+        let event = event.map_err(|err| GatewayError::UpstreamUnavailable {
+            provider: provider.clone(),
+            reason: format!("stream interrupted: {err}"),
+        })?;
+        // Translation errors (a vendor `error` event among them) do not stop the forwarding:
+        // the client gets the vendor's own event and handles it as it would from the vendor.
+        if let Ok(translated) = accounting.push(&event.event, &event.data)
+            && response_id.is_none()
+        {
+            response_id = translated.iter().find_map(|e| e.response_id.clone());
+        }
+        let usage_known = matches!(event.event.as_str(), "message_delta" | "message_stop");
+        let mut frame = String::with_capacity(event.event.len() + event.data.len() + 16);
+        if !event.event.is_empty() {
+            frame.push_str("event: ");
+            frame.push_str(&event.event);
+            frame.push('\n');
+        }
+        frame.push_str("data: ");
+        frame.push_str(&event.data);
+        frame.push_str("\n\n");
+        Ok(ForwardChunk {
+            bytes: Bytes::from(frame),
+            usage: usage_known.then(|| accounting.usage()),
+            response_id: response_id.clone(),
+            first_output: event.event == "content_block_delta",
+            last: event.event == "message_stop",
+        })
+    })
 }
 
 /// Anthropic reports an account out of credit as a `billing_error`, or as an
