@@ -162,6 +162,15 @@ impl Service<Request<Incoming>> for Dispatch {
                 (Method::POST, "/v1/chat/completions") => chat_completions(&state, request).await,
                 (Method::POST, "/v1/messages") => anthropic_messages(&state, request).await,
                 (Method::POST, "/v1/embeddings") => embeddings(&state, request).await,
+                (Method::POST, "/v1/responses") => {
+                    openai_passthrough(&state, request, NativeApi::OpenAiResponses).await
+                }
+                (Method::POST, "/v1/images/generations") => {
+                    openai_passthrough(&state, request, NativeApi::OpenAiImages).await
+                }
+                (Method::POST, "/v1/audio/speech") => {
+                    openai_passthrough(&state, request, NativeApi::OpenAiSpeech).await
+                }
                 (Method::GET, "/v1/models") => list_models(&request),
                 (Method::GET, "/healthz") => Ok(json_response(
                     StatusCode::OK,
@@ -179,6 +188,9 @@ fn unknown_route(method: &Method, path: &str) -> GatewayError {
         "/v1/chat/completions",
         "/v1/messages",
         "/v1/embeddings",
+        "/v1/responses",
+        "/v1/images/generations",
+        "/v1/audio/speech",
         "/v1/models",
         "/healthz",
         "/readyz",
@@ -304,7 +316,7 @@ async fn anthropic_messages(
     let (context, principal, snapshot) = request_parts(&request)?;
     let client_headers = anthropic_headers(request.headers());
     let body = read_body(request, state.max_body_bytes).await?;
-    let head = MessagesHead::parse(&body)?;
+    let head = RequestHead::parse(&body)?;
     // Anthropic clients read input tokens from `message_start`, before any vendor has counted
     // them: they get an estimate there, and the vendor's count in the final `message_delta`.
     let estimated_input_tokens = (body.len() as u64).div_ceil(4);
@@ -323,6 +335,7 @@ async fn anthropic_messages(
     {
         let call = ForwardCall {
             api: NativeApi::AnthropicMessages,
+            model: upstream_model.to_string(),
             body: replace_model(&body, &upstream_model)?,
             headers: client_headers,
             stream: head.stream,
@@ -334,7 +347,12 @@ async fn anthropic_messages(
             provider.forward(call),
         )
         .await?;
-        return Ok(forwarded_response(context, reply, state.stream_drain));
+        return Ok(forwarded_response(
+            context,
+            reply,
+            NativeApi::AnthropicMessages,
+            state.stream_drain,
+        ));
     }
 
     let mut chat = anthropic::from_anthropic_request(&body)?;
@@ -364,16 +382,16 @@ async fn anthropic_messages(
     }
 }
 
-/// What routing needs from a Messages request; the rest is the vendor's (or the translator's)
-/// business.
+/// What routing needs from a request forwarded in its vendor's format; the rest is the
+/// vendor's (or the translator's) business.
 #[derive(serde::Deserialize)]
-struct MessagesHead {
+struct RequestHead {
     model: String,
     #[serde(default)]
     stream: bool,
 }
 
-impl MessagesHead {
+impl RequestHead {
     fn parse(body: &[u8]) -> Result<Self, GatewayError> {
         let mut deserializer = serde_json::Deserializer::from_slice(body);
         serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
@@ -422,6 +440,7 @@ fn replace_model(body: &[u8], model: &str) -> Result<Bytes, GatewayError> {
 fn forwarded_response(
     context: Arc<RequestContext>,
     reply: ForwardReply,
+    api: NativeApi,
     drain: Duration,
 ) -> Response<ResponseBody> {
     let status = reply.status;
@@ -446,7 +465,7 @@ fn forwarded_response(
             response
         }
         ForwardBody::Stream(chunks) => {
-            let frames = SseFrames::new(chunks, Relay, context, drain);
+            let frames = SseFrames::new(chunks, Relay(api), context, drain);
             sse_response(UnsyncBoxBody::new(StreamBody::new(frames)))
         }
     };
@@ -454,6 +473,49 @@ fn forwarded_response(
         response.headers_mut().insert(CONTENT_TYPE, content_type);
     }
     response
+}
+
+/// OpenAI endpoints served by forwarding (`/v1/responses`, images, speech): the body goes to an
+/// `openai`/`azure` provider with only `model` replaced, the answer comes back unchanged, and
+/// usage is read where the API reports it.
+async fn openai_passthrough(
+    state: &AppState,
+    request: Request<Incoming>,
+    api: NativeApi,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let (context, principal, snapshot) = request_parts(&request)?;
+    let body = read_body(request, state.max_body_bytes).await?;
+    let head = RequestHead::parse(&body)?;
+    let (upstream_model, provider) = resolve_route(
+        &context,
+        &principal,
+        &snapshot,
+        &head.model,
+        head.stream,
+        (body.len() as u64).div_ceil(4),
+    )?;
+    if !provider.native_apis().contains(&api) {
+        return Err(GatewayError::invalid_request(
+            format!(
+                "This model is served by provider `{}`, which does not offer {}.",
+                provider.name(),
+                api.path()
+            ),
+            Some("model".into()),
+        ));
+    }
+    let call = ForwardCall {
+        api,
+        model: upstream_model.to_string(),
+        body: replace_model(&body, &upstream_model)?,
+        headers: http::HeaderMap::new(),
+        stream: head.stream,
+        request_id: context.id,
+    };
+    let reply =
+        gateway_policy::with_deadline(provider.name(), provider.timeout(), provider.forward(call))
+            .await?;
+    Ok(forwarded_response(context, reply, api, state.stream_drain))
 }
 
 /// Routing for every endpoint: resolve the alias for the caller, pick a target, and note it
@@ -662,8 +724,9 @@ impl FrameEncoder<StreamEvent> for OpenAiFrames {
 /// Anthropic clients get each OpenAI event as the Anthropic events it implies.
 struct AnthropicFrames(anthropic::OpenAiToAnthropic);
 
-/// A native client gets its vendor's events byte for byte.
-struct Relay;
+/// A native client gets its vendor's events byte for byte; a failure of the gateway's own is an
+/// `error` event in that API's shape.
+struct Relay(NativeApi);
 
 impl FrameEncoder<ForwardChunk> for Relay {
     fn encode(&mut self, chunk: &ForwardChunk) -> Result<Vec<Bytes>, GatewayError> {
@@ -671,7 +734,18 @@ impl FrameEncoder<ForwardChunk> for Relay {
     }
 
     fn error(&mut self, error: &GatewayError) -> Bytes {
-        let (_status, body) = anthropic::error_response(error);
+        let body = match self.0 {
+            NativeApi::AnthropicMessages => anthropic::error_response(error).1,
+            // The Responses API's own stream error event.
+            _ => Bytes::from(
+                serde_json::json!({
+                    "type": "error",
+                    "code": error.error_type().as_str(),
+                    "message": error.to_string(),
+                })
+                .to_string(),
+            ),
+        };
         let mut frame = BytesMut::with_capacity(body.len() + 24);
         frame.extend_from_slice(b"event: error\ndata: ");
         frame.extend_from_slice(&body);

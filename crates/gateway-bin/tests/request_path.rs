@@ -88,6 +88,31 @@ async fn plain_completion_is_forwarded_and_recorded() {
 }
 
 #[tokio::test]
+async fn vendor_extensions_need_the_providers_consent() {
+    let h = Harness::start().await;
+    // `transforms` is not an OpenAI parameter and the provider lists only `provider`.
+    let response = h
+        .chat(json!({"model": "chat", "messages": directive("hi"), "transforms": ["x"]}))
+        .await;
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["param"], "transforms");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("extra_fields"),
+        "{error}"
+    );
+    assert_eq!(h.upstream.stats().requests, 0, "nothing sent upstream");
+    // OpenAI's own parameters need no consent.
+    let response = h
+        .chat(json!({"model": "chat", "messages": directive("hi"), "seed": 1, "logprobs": true}))
+        .await;
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
 async fn inbound_request_id_is_kept_when_valid() {
     let h = Harness::start().await;
     let inbound = uuid::Uuid::now_v7().to_string();

@@ -105,6 +105,35 @@ impl ChatCompletionRequest {
     }
 }
 
+/// Chat-completion parameters of OpenAI's own API beyond the typed fields of
+/// [`ChatCompletionRequest`]. Any other top-level field is a vendor extension, forwarded only to
+/// providers whose config allows it.
+pub const OPENAI_CHAT_PARAMS: &[&str] = &[
+    "audio",
+    "frequency_penalty",
+    "function_call",
+    "functions",
+    "logit_bias",
+    "logprobs",
+    "metadata",
+    "modalities",
+    "parallel_tool_calls",
+    "prediction",
+    "presence_penalty",
+    "prompt_cache_key",
+    "reasoning_effort",
+    "response_format",
+    "safety_identifier",
+    "seed",
+    "service_tier",
+    "store",
+    "tool_choice",
+    "tools",
+    "top_logprobs",
+    "verbosity",
+    "web_search_options",
+];
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 pub struct StreamOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]

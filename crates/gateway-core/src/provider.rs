@@ -93,6 +93,24 @@ impl StreamEvent {
 pub enum NativeApi {
     /// Anthropic's `POST /v1/messages`.
     AnthropicMessages,
+    /// OpenAI's `POST /v1/responses` (the Codex CLI speaks only this).
+    OpenAiResponses,
+    /// OpenAI's `POST /v1/images/generations`.
+    OpenAiImages,
+    /// OpenAI's `POST /v1/audio/speech` (JSON in, audio out).
+    OpenAiSpeech,
+}
+
+impl NativeApi {
+    /// The client-facing path of the API.
+    pub const fn path(self) -> &'static str {
+        match self {
+            Self::AnthropicMessages => "/v1/messages",
+            Self::OpenAiResponses => "/v1/responses",
+            Self::OpenAiImages => "/v1/images/generations",
+            Self::OpenAiSpeech => "/v1/audio/speech",
+        }
+    }
 }
 
 /// A request in the vendor's own format, forwarded with only the model replaced, so fields and
@@ -100,6 +118,8 @@ pub enum NativeApi {
 #[derive(Debug)]
 pub struct ForwardCall {
     pub api: NativeApi,
+    /// The upstream model, also in `body`; some vendors need it in the URL too (Azure).
+    pub model: String,
     pub body: Bytes,
     /// The client's headers the vendor should see (e.g. `anthropic-beta`); nothing else of the
     /// client's is forwarded, its key least of all.

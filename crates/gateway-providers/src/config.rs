@@ -20,6 +20,12 @@ pub struct ProviderConfig {
     /// error). Usually `${ENV_VAR}` references.
     #[serde(default)]
     pub api_keys: Vec<Secret>,
+    /// `openai`/`azure`: request fields beyond OpenAI's own parameters that this vendor
+    /// understands and should receive (OpenRouter's `provider` and `transforms`, vLLM's
+    /// `top_k`, ...). `["*"]` forwards every field. Any other unknown field is refused with a
+    /// 400 naming it, rather than sent to a vendor that would reject or ignore it. Default none.
+    #[serde(default)]
+    pub extra_fields: Vec<String>,
     /// Azure: the `api-version` query parameter (e.g. `2024-10-21`), required. Anthropic: the
     /// `anthropic-version` header (default `2023-06-01`).
     #[serde(default)]

@@ -16,6 +16,7 @@ mod gemini_provider;
 mod http;
 mod mock;
 mod openai;
+mod responses;
 mod rotation;
 mod sse;
 

@@ -11,15 +11,19 @@ use crate::http::{
     MAX_ERROR_BYTES, MAX_RESPONSE_BYTES, endpoints, header_string, is_url_safe, read_body,
     sensitive_values,
 };
+use crate::responses;
 use crate::rotation::{BaseUrls, Key, Keys, send};
 use crate::sse::openai_events;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use gateway_core::config::ConfigError;
-use gateway_core::openai::CompletionSummary;
+use gateway_core::openai::{
+    ChatCompletionRequest, CompletionSummary, MessageContent, OPENAI_CHAT_PARAMS,
+};
 use gateway_core::provider::{
-    ChatCall, ChatProvider, ChatReply, CompleteReply, EmbeddingsCall, StreamReply,
+    ChatCall, ChatProvider, ChatReply, CompleteReply, EmbeddingsCall, ForwardBody, ForwardCall,
+    ForwardReply, NativeApi, StreamReply,
 };
 use gateway_core::{GatewayError, RequestId};
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
@@ -43,6 +47,8 @@ pub struct OpenAiProvider {
 #[derive(Debug)]
 struct Inner {
     name: String,
+    /// Top-level fields beyond OpenAI's own that this vendor receives; `None`: all of them.
+    extra_fields: Option<std::collections::HashSet<String>>,
     flavour: Flavour,
     /// OpenAI: the chat completions URLs. Azure: the base URLs (the deployment is per call).
     endpoints: BaseUrls<Endpoint>,
@@ -101,6 +107,8 @@ impl OpenAiProvider {
         Ok(Self {
             inner: Arc::new(Inner {
                 name: config.name.clone(),
+                extra_fields: (!config.extra_fields.iter().any(|field| field == "*"))
+                    .then(|| config.extra_fields.iter().cloned().collect()),
                 flavour,
                 endpoints: BaseUrls::new(endpoints, config.base_url_cooldown()),
                 authorizations: Keys::new(
@@ -136,7 +144,23 @@ impl ChatProvider for OpenAiProvider {
         let inner = self.inner.clone();
         Box::pin(async move { inner.embeddings(call).await })
     }
+
+    fn native_apis(&self) -> &'static [NativeApi] {
+        &NATIVE_APIS
+    }
+
+    fn forward(&self, call: ForwardCall) -> BoxFuture<'static, Result<ForwardReply, GatewayError>> {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.forward(call).await })
+    }
 }
+
+/// The OpenAI APIs forwarded unchanged (beyond chat and embeddings, which are typed).
+const NATIVE_APIS: [NativeApi; 3] = [
+    NativeApi::OpenAiResponses,
+    NativeApi::OpenAiImages,
+    NativeApi::OpenAiSpeech,
+];
 
 impl Inner {
     /// Sends one request to the first reachable base URL, with one of the keys.
@@ -144,7 +168,7 @@ impl Inner {
         &self,
         operation: Operation,
         model: &str,
-        body: Vec<u8>,
+        body: Bytes,
         stream: bool,
         request_id: RequestId,
     ) -> Result<(hyper::Response<hyper::body::Incoming>, Option<Key>), GatewayError> {
@@ -160,7 +184,6 @@ impl Inner {
             Flavour::Azure { .. } => http::header::HeaderName::from_static("api-key"),
         };
         let key = self.authorizations.pick();
-        let body = Bytes::from(body);
         let response = send(&self.name, &self.client, &self.endpoints, |endpoint| {
             let mut builder = Request::builder()
                 .method(Method::POST)
@@ -219,7 +242,7 @@ impl Inner {
             .post(
                 Operation::Embeddings,
                 &call.request.model,
-                body,
+                Bytes::from(body),
                 false,
                 call.request_id,
             )
@@ -244,11 +267,113 @@ impl Inner {
         })
     }
 
+    /// An OpenAI request of another kind than chat, sent as it came (model replaced) and its
+    /// answer relayed unchanged; usage is read where the API reports it.
+    async fn forward(&self, call: ForwardCall) -> Result<ForwardReply, GatewayError> {
+        if !NATIVE_APIS.contains(&call.api) {
+            return Err(GatewayError::Internal(format!(
+                "provider `{}` cannot forward {:?} requests",
+                self.name, call.api
+            )));
+        }
+        let (response, key) = self
+            .post(
+                Operation::Native(call.api),
+                &call.model,
+                call.body,
+                call.stream,
+                call.request_id,
+            )
+            .await?;
+        let status = response.status();
+        let vendor_request_id = header_string(response.headers(), "x-request-id");
+        let content_type = response.headers().get(CONTENT_TYPE).cloned();
+        let body = response.into_body();
+        if !status.is_success() {
+            let bytes = read_body(&self.name, body, MAX_ERROR_BYTES).await;
+            self.authorizations.judge(
+                &self.name,
+                key.as_ref(),
+                status,
+                bytes.as_deref().unwrap_or_default(),
+                quota_exhausted,
+            );
+            return Ok(ForwardReply {
+                status,
+                content_type,
+                vendor_request_id,
+                body: ForwardBody::Complete {
+                    bytes: bytes?,
+                    usage: None,
+                    response_id: None,
+                },
+            });
+        }
+        if call.stream && call.api == NativeApi::OpenAiResponses {
+            let chunks = responses::forwarded_events(self.name.clone(), body.into_data_stream());
+            return Ok(ForwardReply {
+                status,
+                content_type,
+                vendor_request_id,
+                body: ForwardBody::Stream(chunks.boxed()),
+            });
+        }
+        let bytes = read_body(&self.name, body, MAX_RESPONSE_BYTES).await?;
+        // Speech answers are audio and report no usage; the others use the Responses shape.
+        let (response_id, usage) = match call.api {
+            NativeApi::OpenAiSpeech => (None, None),
+            _ => responses::summary(&bytes),
+        };
+        Ok(ForwardReply {
+            status,
+            content_type,
+            vendor_request_id,
+            body: ForwardBody::Complete {
+                bytes,
+                usage,
+                response_id,
+            },
+        })
+    }
+
+    /// Refuses vendor extensions this provider is not configured for, and drops Anthropic's
+    /// `cache_control` hints, which have no OpenAI counterpart (OpenAI caches on its own).
+    fn prepare(&self, request: &mut ChatCompletionRequest) -> Result<(), GatewayError> {
+        if let Some(allowed) = &self.extra_fields
+            && let Some(field) = request.extra.keys().find(|field| {
+                !OPENAI_CHAT_PARAMS.contains(&field.as_str()) && !allowed.contains(*field)
+            })
+        {
+            return Err(GatewayError::invalid_request(
+                format!(
+                    "`{field}` is not an OpenAI parameter, and provider `{}` is not configured \
+                     to receive it (list it in the provider's `extra_fields`).",
+                    self.name
+                ),
+                Some(field.clone()),
+            ));
+        }
+        for message in &mut request.messages {
+            if let Some(MessageContent::Parts(parts)) = &mut message.content {
+                for part in parts {
+                    part.extra.remove("cache_control");
+                }
+            }
+        }
+        if let Some(Value::Array(tools)) = request.extra.get_mut("tools") {
+            for tool in tools.iter_mut().filter_map(Value::as_object_mut) {
+                tool.remove("cache_control");
+            }
+        }
+        Ok(())
+    }
+
     async fn chat(&self, call: ChatCall) -> Result<ChatReply, GatewayError> {
         let ChatCall {
             mut request,
             request_id,
         } = call;
+        self.prepare(&mut request)?;
         let stream = request.is_stream();
         if stream {
             request
@@ -260,7 +385,13 @@ impl Inner {
             .map_err(|err| GatewayError::Internal(format!("encoding the request: {err}")))?;
 
         let (response, key) = self
-            .post(Operation::Chat, &request.model, body, stream, request_id)
+            .post(
+                Operation::Chat,
+                &request.model,
+                Bytes::from(body),
+                stream,
+                request_id,
+            )
             .await?;
         let status = response.status();
         let vendor_request_id = header_string(response.headers(), "x-request-id");
@@ -316,6 +447,7 @@ impl Endpoint {
 enum Operation {
     Chat,
     Embeddings,
+    Native(NativeApi),
 }
 
 impl Endpoint {
@@ -326,21 +458,37 @@ impl Endpoint {
         model: &str,
     ) -> Result<Uri, GatewayError> {
         match flavour {
-            Flavour::OpenAi => Ok(match operation {
-                Operation::Chat => self.chat.clone(),
-                Operation::Embeddings => self.embeddings.clone(),
-            }),
+            Flavour::OpenAi => match operation {
+                Operation::Chat => Ok(self.chat.clone()),
+                Operation::Embeddings => Ok(self.embeddings.clone()),
+                Operation::Native(api) => {
+                    // The client-facing path minus `/v1`, under the configured base.
+                    let path = api.path().trim_start_matches("/v1");
+                    format!("{}{path}", self.base)
+                        .parse()
+                        .map_err(|err| GatewayError::Internal(format!("URL: {err}")))
+                }
+            },
             Flavour::Azure { api_version } => {
-                let path = match operation {
-                    Operation::Chat => "chat/completions",
-                    Operation::Embeddings => "embeddings",
+                let url = match operation {
+                    // Azure's Responses API is per resource, not per deployment.
+                    Operation::Native(NativeApi::OpenAiResponses) => {
+                        format!("{}/openai/responses?api-version={api_version}", self.base)
+                    }
+                    _ => {
+                        let path = match operation {
+                            Operation::Chat => "chat/completions",
+                            Operation::Embeddings => "embeddings",
+                            Operation::Native(api) => api.path().trim_start_matches("/v1/"),
+                        };
+                        format!(
+                            "{}/openai/deployments/{model}/{path}?api-version={api_version}",
+                            self.base
+                        )
+                    }
                 };
-                format!(
-                    "{}/openai/deployments/{model}/{path}?api-version={api_version}",
-                    self.base
-                )
-                .parse()
-                .map_err(|err| GatewayError::Internal(format!("azure URL: {err}")))
+                url.parse()
+                    .map_err(|err| GatewayError::Internal(format!("azure URL: {err}")))
             }
         }
     }
@@ -377,6 +525,7 @@ mod tests {
             base_urls: vec!["https://example.openai.azure.com".into()],
             api_keys: vec![crate::Secret::new("k")],
             api_version: version.map(str::to_owned),
+            extra_fields: Vec::new(),
             timeout_secs: 60,
             base_url_cooldown_secs: 30,
             key_cooldown_secs: 60,

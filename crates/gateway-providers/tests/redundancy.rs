@@ -66,6 +66,7 @@ fn provider(
         base_urls,
         api_keys: keys.iter().map(|key| Secret::new(*key)).collect(),
         api_version: (kind == ProviderKind::Azure).then(|| "2024-10-21".to_owned()),
+        extra_fields: Vec::new(),
         timeout_secs: 10,
         base_url_cooldown_secs,
         key_cooldown_secs: 60,

@@ -69,6 +69,7 @@ kind = "openai"
 base_urls = ["{upstream}"]
 api_keys = ["{UPSTREAM_KEY}"]
 timeout_secs = {timeout}
+extra_fields = ["provider"]
 
 [[providers]]
 name = "mock"

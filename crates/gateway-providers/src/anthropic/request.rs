@@ -41,6 +41,8 @@ const HANDLED: &[&str] = &[
     "service_tier",
     "prompt_cache_key",
     "safety_identifier",
+    // Becomes `thinking` (see `thinking_from_effort`).
+    "reasoning_effort",
 ];
 
 /// Builds the Anthropic request body for `request`, sent to `upstream_model`.
@@ -89,6 +91,9 @@ pub fn to_anthropic_request(
     if let Some(tool_choice) = convert_tool_choice(&request.extra)? {
         body.insert("tool_choice".into(), tool_choice);
     }
+    if let Some(thinking) = thinking_from_effort(&request.extra)? {
+        body.insert("thinking".into(), thinking);
+    }
 
     for (key, value) in &request.extra {
         if !value.is_null() && !HANDLED.contains(&key.as_str()) {
@@ -97,6 +102,28 @@ pub fn to_anthropic_request(
         }
     }
     Ok(Value::Object(body))
+}
+
+/// OpenAI's `reasoning_effort` as Anthropic's extended thinking. The budgets are the inverse of
+/// the inbound mapping (below 4096 tokens `low`, below 16384 `medium`, else `high`), so a
+/// request that crosses the gateway twice keeps its setting.
+fn thinking_from_effort(extra: &Map<String, Value>) -> Result<Option<Value>, GatewayError> {
+    let Some(effort) = present(extra, "reasoning_effort") else {
+        return Ok(None);
+    };
+    let budget = match effort.as_str() {
+        Some("none" | "minimal") => return Ok(None),
+        Some("low") => 1024,
+        Some("medium") => 8192,
+        Some("high") => 24576,
+        _ => {
+            return Err(GatewayError::invalid_request(
+                "`reasoning_effort` must be one of none, minimal, low, medium, high.",
+                Some("reasoning_effort".into()),
+            ));
+        }
+    };
+    Ok(Some(json!({"type": "enabled", "budget_tokens": budget})))
 }
 
 /// A field of `extra` that is set: absent and `null` mean the same to OpenAI.
@@ -665,6 +692,27 @@ fn convert_tool_choice(extra: &Map<String, Value>) -> Result<Option<Value>, Gate
         choice.insert("disable_parallel_tool_use".into(), true.into());
     }
     Ok(Some(choice))
+}
+
+#[cfg(test)]
+mod effort_tests {
+    use super::*;
+
+    #[test]
+    fn reasoning_effort_becomes_a_thinking_budget() {
+        let extra = |effort: &str| {
+            let mut extra = Map::new();
+            extra.insert("reasoning_effort".into(), effort.into());
+            extra
+        };
+        assert_eq!(
+            thinking_from_effort(&extra("medium")).unwrap(),
+            Some(json!({"type": "enabled", "budget_tokens": 8192}))
+        );
+        assert_eq!(thinking_from_effort(&extra("minimal")).unwrap(), None);
+        assert!(thinking_from_effort(&extra("extreme")).is_err());
+        assert_eq!(thinking_from_effort(&Map::new()).unwrap(), None);
+    }
 }
 
 #[cfg(test)]

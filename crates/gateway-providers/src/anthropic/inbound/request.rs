@@ -4,8 +4,8 @@
 //! (placed before the rest of their user turn, as OpenAI wants tool answers right after the
 //! assistant's calls), `tool_use` blocks become `tool_calls`, and `max_tokens` becomes
 //! `max_completion_tokens`, which OpenAI's reasoning models require. Fields with no OpenAI
-//! counterpart (`top_k`, `thinking`, ...) are kept in `extra` and forwarded like any unknown
-//! field; `cache_control` markers stay on their content parts and tools so a request routed
+//! counterpart (`top_k`, ...) are kept in `extra` and forwarded like any unknown field
+//! (`thinking` becomes `reasoning_effort`, `context_management` is left out); `cache_control` markers stay on their content parts and tools so a request routed
 //! back to Anthropic keeps its prompt caching.
 
 use crate::anthropic::{invalid, join_path, parse_at};
@@ -257,6 +257,7 @@ pub fn from_anthropic_request(body: &[u8]) -> Result<ChatCompletionRequest, Gate
         extra: Map::new(),
     });
     extra.append(&mut fields);
+    adapt_anthropic_only_fields(&mut extra);
 
     Ok(ChatCompletionRequest {
         model,
@@ -290,6 +291,30 @@ fn required<T: DeserializeOwned>(
     key: &str,
 ) -> Result<T, GatewayError> {
     take(fields, key)?.ok_or_else(|| invalid(key, format!("'{key}' is required.")))
+}
+
+/// Anthropic settings with an OpenAI counterpart are mapped to it; server-side context editing
+/// (`context_management`), which no other vendor has, is left out: the client still sends the
+/// whole context, so skipping it changes cost, not answers. Without this, Claude Code could use
+/// no vendor but Anthropic.
+fn adapt_anthropic_only_fields(extra: &mut Map<String, Value>) {
+    if let Some(thinking) = extra.remove("thinking")
+        && thinking.get("type").and_then(Value::as_str) == Some("enabled")
+    {
+        let budget = thinking
+            .get("budget_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let effort = match budget {
+            0..4096 => "low",
+            4096..16384 => "medium",
+            _ => "high",
+        };
+        extra
+            .entry("reasoning_effort")
+            .or_insert_with(|| effort.into());
+    }
+    extra.remove("context_management");
 }
 
 fn message(role: Role, content: Option<MessageContent>, extra: Map<String, Value>) -> ChatMessage {
