@@ -23,5 +23,12 @@ cargo build --locked -p gateway-bin -p gateway-test-support
 venv=target/e2e-venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
+# Real client tools (tests/e2e/test_tools_*.py): Claude Code from npm, pinned in
+# tests/e2e/package.json. Installed when missing or not the pinned version.
+pinned=$(node -p "require('./tests/e2e/package.json').devDependencies['@anthropic-ai/claude-code']")
+installed=$(node -p "try { require('./tests/e2e/node_modules/@anthropic-ai/claude-code/package.json').version } catch { '' }")
+if [ "$installed" != "$pinned" ] || [ ! -x tests/e2e/node_modules/.bin/claude ]; then
+  (cd tests/e2e && npm ci --no-audit --no-fund)
+fi
 GATEWAY_BIN="$PWD/target/debug/gateway" MOCK_UPSTREAM_BIN="$PWD/target/debug/mock-upstream" \
   "$venv/bin/python" -m pytest tests/e2e -p no:cacheprovider -q

@@ -320,3 +320,36 @@ def test_anthropic_sdk_to_anthropic_vendor_natively(gateway, claude):
         final = stream.get_final_message()
     call = next(block for block in final.content if block.type == "tool_use")
     assert call.input == {"location": "Paris"}
+
+
+# ---------------------------------------------------------------- OpenAI endpoints forwarded
+
+
+def test_openai_sdk_responses_api(gateway, client):
+    raw = client.responses.with_raw_response.create(model="chat", input="hello")
+    response = raw.parse()
+    assert response.output_text == MOCK_TEXT
+    row = usage_row(gateway, raw.headers["x-request-id"])
+    assert row["output_tokens"] == response.usage.output_tokens == 5
+    assert row["input_tokens"] == response.usage.input_tokens
+
+    with client.responses.stream(model="chat", input="hello") as stream:
+        text = "".join(
+            event.delta for event in stream if event.type == "response.output_text.delta"
+        )
+        final = stream.get_final_response()
+    assert text == MOCK_TEXT
+    assert final.usage.output_tokens == 5
+
+
+def test_openai_sdk_images_speech_and_transcription(gateway, client):
+    image = client.images.generate(model="chat", prompt="a cat")
+    assert base64.b64decode(image.data[0].b64_json).startswith(b"\x89PNG")
+
+    speech = client.audio.speech.create(model="chat", voice="alloy", input="hello there")
+    assert len(speech.content) == 1024
+
+    transcript = client.audio.transcriptions.create(
+        model="chat", file=("hello.wav", b"RIFF" + bytes(2000), "audio/wav")
+    )
+    assert transcript.text == MOCK_TEXT

@@ -171,6 +171,7 @@ impl Service<Request<Incoming>> for Dispatch {
                 (Method::POST, "/v1/audio/speech") => {
                     openai_passthrough(&state, request, NativeApi::OpenAiSpeech).await
                 }
+                (Method::POST, "/v1/audio/transcriptions") => transcriptions(&state, request).await,
                 (Method::GET, "/v1/models") => list_models(&request),
                 (Method::GET, "/healthz") => Ok(json_response(
                     StatusCode::OK,
@@ -191,6 +192,7 @@ fn unknown_route(method: &Method, path: &str) -> GatewayError {
         "/v1/responses",
         "/v1/images/generations",
         "/v1/audio/speech",
+        "/v1/audio/transcriptions",
         "/v1/models",
         "/healthz",
         "/readyz",
@@ -315,6 +317,10 @@ async fn anthropic_messages(
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let (context, principal, snapshot) = request_parts(&request)?;
     let client_headers = anthropic_headers(request.headers());
+    let beta = request
+        .uri()
+        .query()
+        .is_some_and(|query| query.split('&').any(|pair| pair == "beta=true"));
     let body = read_body(request, state.max_body_bytes).await?;
     let head = RequestHead::parse(&body)?;
     // Anthropic clients read input tokens from `message_start`, before any vendor has counted
@@ -338,6 +344,8 @@ async fn anthropic_messages(
             model: upstream_model.to_string(),
             body: replace_model(&body, &upstream_model)?,
             headers: client_headers,
+            content_type: None,
+            beta,
             stream: head.stream,
             request_id: context.id,
         };
@@ -422,9 +430,10 @@ fn anthropic_headers(headers: &http::HeaderMap) -> http::HeaderMap {
     forwarded
 }
 
-/// The body with its top-level `model` replaced, every other value copied byte for byte.
+/// The body with its top-level `model` replaced, every other value copied byte for byte and
+/// the fields kept in the client's order.
 fn replace_model(body: &[u8], model: &str) -> Result<Bytes, GatewayError> {
-    let mut fields: std::collections::BTreeMap<String, &serde_json::value::RawValue> =
+    let mut fields: indexmap::IndexMap<String, &serde_json::value::RawValue> =
         serde_json::from_slice(body).map_err(|err| {
             GatewayError::invalid_request(format!("The body must be a JSON object: {err}"), None)
         })?;
@@ -509,6 +518,8 @@ async fn openai_passthrough(
         model: upstream_model.to_string(),
         body: replace_model(&body, &upstream_model)?,
         headers: http::HeaderMap::new(),
+        content_type: None,
+        beta: false,
         stream: head.stream,
         request_id: context.id,
     };
@@ -516,6 +527,127 @@ async fn openai_passthrough(
         gateway_policy::with_deadline(provider.name(), provider.timeout(), provider.forward(call))
             .await?;
     Ok(forwarded_response(context, reply, api, state.stream_drain))
+}
+
+/// `POST /v1/audio/transcriptions`: a multipart form whose `model` field names the alias. The
+/// form is re-encoded with the upstream model, every other part byte for byte.
+async fn transcriptions(
+    state: &AppState,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let (context, principal, snapshot) = request_parts(&request)?;
+    let content_type = request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let boundary = multer::parse_boundary(&content_type).map_err(|_| {
+        GatewayError::invalid_request(
+            "Send the audio as multipart/form-data with a boundary.",
+            None,
+        )
+    })?;
+    let body = read_body(request, state.max_body_bytes).await?;
+    let parts = form_parts(body.clone(), &boundary).await?;
+    let model = parts
+        .iter()
+        .find(|part| part.name == "model" && part.filename.is_none())
+        .map(|part| String::from_utf8_lossy(&part.data).trim().to_owned())
+        .filter(|model| !model.is_empty())
+        .ok_or_else(|| {
+            GatewayError::invalid_request("The form needs a `model` field.", Some("model".into()))
+        })?;
+    let (upstream_model, provider) =
+        resolve_route(&context, &principal, &snapshot, &model, false, 0)?;
+    let api = NativeApi::OpenAiTranscriptions;
+    if !provider.native_apis().contains(&api) {
+        return Err(GatewayError::invalid_request(
+            format!(
+                "This model is served by provider `{}`, which does not offer {}.",
+                provider.name(),
+                api.path()
+            ),
+            Some("model".into()),
+        ));
+    }
+    let call = ForwardCall {
+        api,
+        model: upstream_model.to_string(),
+        body: encode_form(&parts, &boundary, &upstream_model),
+        headers: http::HeaderMap::new(),
+        content_type: HeaderValue::from_str(&content_type).ok(),
+        beta: false,
+        stream: false,
+        request_id: context.id,
+    };
+    let reply =
+        gateway_policy::with_deadline(provider.name(), provider.timeout(), provider.forward(call))
+            .await?;
+    Ok(forwarded_response(context, reply, api, state.stream_drain))
+}
+
+/// One part of a multipart form, as received.
+struct FormPart {
+    name: String,
+    filename: Option<String>,
+    content_type: Option<String>,
+    data: Bytes,
+}
+
+async fn form_parts(body: Bytes, boundary: &str) -> Result<Vec<FormPart>, GatewayError> {
+    let malformed = |err: multer::Error| {
+        GatewayError::invalid_request(format!("Malformed multipart form: {err}"), None)
+    };
+    let stream = futures_util::stream::once(async move { Ok::<_, Infallible>(body) });
+    let mut form = multer::Multipart::new(stream, boundary);
+    let mut parts = Vec::new();
+    while let Some(field) = form.next_field().await.map_err(malformed)? {
+        let name = field.name().unwrap_or_default().to_owned();
+        let filename = field.file_name().map(str::to_owned);
+        let content_type = field.content_type().map(ToString::to_string);
+        let data = field.bytes().await.map_err(malformed)?;
+        parts.push(FormPart {
+            name,
+            filename,
+            content_type,
+            data,
+        });
+    }
+    Ok(parts)
+}
+
+/// The form again, with the same boundary, the `model` field set to the upstream model.
+fn encode_form(parts: &[FormPart], boundary: &str, model: &str) -> Bytes {
+    let mut out = BytesMut::new();
+    for part in parts {
+        out.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        let name = part.name.replace('"', "%22");
+        match &part.filename {
+            Some(filename) => out.extend_from_slice(
+                format!(
+                    "Content-Disposition: form-data; name=\"{name}\"; filename=\"{}\"\r\n",
+                    filename.replace('"', "%22")
+                )
+                .as_bytes(),
+            ),
+            None => out.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"\r\n").as_bytes(),
+            ),
+        }
+        if let Some(content_type) = &part.content_type {
+            out.extend_from_slice(format!("Content-Type: {content_type}\r\n").as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        if part.name == "model" && part.filename.is_none() {
+            out.extend_from_slice(model.as_bytes());
+        } else {
+            out.extend_from_slice(&part.data);
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    out.freeze()
 }
 
 /// Routing for every endpoint: resolve the alias for the caller, pick a target, and note it

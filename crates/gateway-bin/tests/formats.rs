@@ -410,6 +410,25 @@ async fn anthropic_client_to_anthropic_vendor_is_forwarded_natively() {
     assert_eq!(names[..3], ["message_start", "ping", "content_block_start"]);
     assert_eq!(names.last(), Some(&"message_stop"));
 
+    // Anthropic SDKs add `?beta=true` for beta features; the vendor must see it.
+    let response = h
+        .client
+        .post(format!("{}/v1/messages?beta=true", h.base))
+        .header("x-api-key", common::CLIENT_KEY)
+        .header("anthropic-version", "2023-06-01")
+        .json(&json!({
+            "model": "claude", "max_tokens": 64,
+            "messages": [{"role": "user", "content": "hello"}]
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        h.upstream.requests().pop().unwrap().query.as_deref(),
+        Some("beta=true")
+    );
+
     // A vendor error reaches a native client unchanged, status and body.
     for status in [400, 529] {
         let response = messages_request(&h)

@@ -99,6 +99,8 @@ pub enum NativeApi {
     OpenAiImages,
     /// OpenAI's `POST /v1/audio/speech` (JSON in, audio out).
     OpenAiSpeech,
+    /// OpenAI's `POST /v1/audio/transcriptions` (multipart form in).
+    OpenAiTranscriptions,
 }
 
 impl NativeApi {
@@ -109,6 +111,7 @@ impl NativeApi {
             Self::OpenAiResponses => "/v1/responses",
             Self::OpenAiImages => "/v1/images/generations",
             Self::OpenAiSpeech => "/v1/audio/speech",
+            Self::OpenAiTranscriptions => "/v1/audio/transcriptions",
         }
     }
 }
@@ -121,6 +124,11 @@ pub struct ForwardCall {
     /// The upstream model, also in `body`; some vendors need it in the URL too (Azure).
     pub model: String,
     pub body: Bytes,
+    /// The body's type when it is not JSON (a multipart form, with its boundary).
+    pub content_type: Option<http::HeaderValue>,
+    /// Anthropic's `?beta=true`, which its SDKs add for beta features. No other client query
+    /// is forwarded: a client must not be able to shape the upstream URL.
+    pub beta: bool,
     /// The client's headers the vendor should see (e.g. `anthropic-beta`); nothing else of the
     /// client's is forwarded, its key least of all.
     pub headers: http::HeaderMap,

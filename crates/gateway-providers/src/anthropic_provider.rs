@@ -123,6 +123,7 @@ impl Inner {
         body: Bytes,
         stream: bool,
         client: &http::HeaderMap,
+        beta: bool,
     ) -> Result<(hyper::Response<hyper::body::Incoming>, Option<Key>), GatewayError> {
         let key = self.keys.pick();
         let version = client
@@ -132,7 +133,13 @@ impl Inner {
         let response = send(&self.name, &self.client, &self.endpoints, |endpoint| {
             let mut builder = Request::builder()
                 .method(Method::POST)
-                .uri(endpoint.clone())
+                .uri(if beta {
+                    format!("{endpoint}?beta=true")
+                        .parse::<Uri>()
+                        .map_err(|err| GatewayError::Internal(format!("URL: {err}")))?
+                } else {
+                    endpoint.clone()
+                })
                 .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
                 .header(
                     ACCEPT,
@@ -184,7 +191,7 @@ impl Inner {
         let body = serde_json::to_vec(&body)
             .map_err(|err| GatewayError::Internal(format!("encoding the request: {err}")))?;
         let (response, key) = self
-            .post(Bytes::from(body), stream, &http::HeaderMap::new())
+            .post(Bytes::from(body), stream, &http::HeaderMap::new(), false)
             .await?;
         let status = response.status();
         let vendor_request_id = header_string(response.headers(), "request-id");
@@ -219,7 +226,9 @@ impl Inner {
     /// A Messages API request from an Anthropic client, sent as it came (model replaced). The
     /// answer goes back unchanged; the translator only reads it, for usage.
     async fn forward(&self, call: ForwardCall) -> Result<ForwardReply, GatewayError> {
-        let (response, key) = self.post(call.body, call.stream, &call.headers).await?;
+        let (response, key) = self
+            .post(call.body, call.stream, &call.headers, call.beta)
+            .await?;
         let status = response.status();
         let vendor_request_id = header_string(response.headers(), "request-id");
         let content_type = response.headers().get(CONTENT_TYPE).cloned();

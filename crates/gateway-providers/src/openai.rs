@@ -156,10 +156,11 @@ impl ChatProvider for OpenAiProvider {
 }
 
 /// The OpenAI APIs forwarded unchanged (beyond chat and embeddings, which are typed).
-const NATIVE_APIS: [NativeApi; 3] = [
+const NATIVE_APIS: [NativeApi; 4] = [
     NativeApi::OpenAiResponses,
     NativeApi::OpenAiImages,
     NativeApi::OpenAiSpeech,
+    NativeApi::OpenAiTranscriptions,
 ];
 
 impl Inner {
@@ -169,6 +170,7 @@ impl Inner {
         operation: Operation,
         model: &str,
         body: Bytes,
+        content_type: Option<&HeaderValue>,
         stream: bool,
         request_id: RequestId,
     ) -> Result<(hyper::Response<hyper::body::Incoming>, Option<Key>), GatewayError> {
@@ -188,7 +190,12 @@ impl Inner {
             let mut builder = Request::builder()
                 .method(Method::POST)
                 .uri(endpoint.uri(&self.flavour, operation, model)?)
-                .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+                .header(
+                    CONTENT_TYPE,
+                    content_type
+                        .cloned()
+                        .unwrap_or_else(|| HeaderValue::from_static("application/json")),
+                )
                 .header(
                     ACCEPT,
                     HeaderValue::from_static(if stream {
@@ -243,6 +250,7 @@ impl Inner {
                 Operation::Embeddings,
                 &call.request.model,
                 Bytes::from(body),
+                None,
                 false,
                 call.request_id,
             )
@@ -281,6 +289,7 @@ impl Inner {
                 Operation::Native(call.api),
                 &call.model,
                 call.body,
+                call.content_type.as_ref(),
                 call.stream,
                 call.request_id,
             )
@@ -389,6 +398,7 @@ impl Inner {
                 Operation::Chat,
                 &request.model,
                 Bytes::from(body),
+                None,
                 stream,
                 request_id,
             )

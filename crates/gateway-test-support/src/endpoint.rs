@@ -5,9 +5,9 @@
 //! One pipeline for all formats is what makes a fault behave the same whichever vendor the
 //! gateway is talking to; only the answer itself is per format.
 
-use crate::server::{Body, RecordedRequest, Shared, json_response};
-use crate::{anthropic, gemini, openai};
-use http::header::{HeaderValue, RETRY_AFTER};
+use crate::server::{Body, MockStats, RecordedRequest, Shared, json_response};
+use crate::{anthropic, gemini, media, multipart, openai, responses};
+use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::request::Parts;
 use http::{HeaderMap, Response, StatusCode};
 use serde_json::{Value, json};
@@ -27,11 +27,56 @@ pub(crate) enum Vendor {
 pub(crate) enum Endpoint {
     OpenAiChat,
     OpenAiEmbeddings,
-    AzureChat { deployment: String },
-    AzureEmbeddings { deployment: String },
+    AzureChat {
+        deployment: String,
+    },
+    AzureEmbeddings {
+        deployment: String,
+    },
     AnthropicMessages,
-    GeminiGenerate { model: String, stream: bool },
-    GeminiEmbed { model: String, batch: bool },
+    GeminiGenerate {
+        model: String,
+        stream: bool,
+    },
+    GeminiEmbed {
+        model: String,
+        batch: bool,
+    },
+    /// OpenAI's endpoints beyond chat and embeddings, which the gateway passes through.
+    Passthrough {
+        api: Api,
+        host: Host,
+    },
+}
+
+/// The pass-through endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Api {
+    Responses,
+    ImageGenerations,
+    Speech,
+    Transcriptions,
+}
+
+impl Api {
+    /// The API at `operation`, the path after `/v1/` (OpenAI) or after the deployment (Azure).
+    fn from_operation(operation: &str) -> Option<Self> {
+        match operation {
+            "responses" => Some(Self::Responses),
+            "images/generations" => Some(Self::ImageGenerations),
+            "audio/speech" => Some(Self::Speech),
+            "audio/transcriptions" => Some(Self::Transcriptions),
+            _ => None,
+        }
+    }
+}
+
+/// Who serves a pass-through endpoint: Azure adds its `api-version` and `api-key` checks.
+/// None of these answers names the model, so an Azure deployment matters only for routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Host {
+    OpenAi,
+    Azure,
 }
 
 impl Endpoint {
@@ -44,6 +89,18 @@ impl Endpoint {
             "/messages" => return Some(Self::AnthropicMessages),
             _ => {}
         }
+        if let Some(api) = route.strip_prefix('/').and_then(Api::from_operation) {
+            return Some(Self::Passthrough {
+                api,
+                host: Host::OpenAi,
+            });
+        }
+        if path == "/openai/responses" {
+            return Some(Self::Passthrough {
+                api: Api::Responses,
+                host: Host::Azure,
+            });
+        }
         if let Some(rest) = path.strip_prefix("/openai/deployments/") {
             let (deployment, operation) = rest.split_once('/')?;
             if deployment.is_empty() {
@@ -53,7 +110,12 @@ impl Endpoint {
             return match operation {
                 "chat/completions" => Some(Self::AzureChat { deployment }),
                 "embeddings" => Some(Self::AzureEmbeddings { deployment }),
-                _ => None,
+                // Azure serves the Responses API per resource, not per deployment.
+                "responses" => None,
+                operation => Api::from_operation(operation).map(|api| Self::Passthrough {
+                    api,
+                    host: Host::Azure,
+                }),
             };
         }
         let rest = path
@@ -89,20 +151,56 @@ impl Endpoint {
             Self::OpenAiChat
             | Self::OpenAiEmbeddings
             | Self::AzureChat { .. }
-            | Self::AzureEmbeddings { .. } => Vendor::OpenAi,
+            | Self::AzureEmbeddings { .. }
+            | Self::Passthrough { .. } => Vendor::OpenAi,
             Self::AnthropicMessages => Vendor::Anthropic,
             Self::GeminiGenerate { .. } | Self::GeminiEmbed { .. } => Vendor::Gemini,
         }
     }
 
-    fn is_chat(&self) -> bool {
-        matches!(
-            self,
+    /// The counter of [`MockStats`] this endpoint's requests go to.
+    fn count(&self, stats: &mut MockStats) {
+        match self {
             Self::OpenAiChat
-                | Self::AzureChat { .. }
-                | Self::AnthropicMessages
-                | Self::GeminiGenerate { .. }
-        )
+            | Self::AzureChat { .. }
+            | Self::AnthropicMessages
+            | Self::GeminiGenerate { .. } => stats.chat_requests += 1,
+            Self::OpenAiEmbeddings | Self::AzureEmbeddings { .. } | Self::GeminiEmbed { .. } => {
+                stats.embedding_requests += 1;
+            }
+            Self::Passthrough { .. } => stats.passthrough_requests += 1,
+        }
+    }
+
+    /// The body as the mock reads and records it: JSON, or for transcriptions the multipart
+    /// form as JSON. The error is the message of the 400 that refuses it.
+    fn parse_body(&self, headers: &HeaderMap, bytes: &[u8]) -> Result<Value, String> {
+        if let Self::Passthrough {
+            api: Api::Transcriptions,
+            ..
+        } = self
+        {
+            let content_type = headers
+                .get(CONTENT_TYPE)
+                .and_then(|value| value.to_str().ok());
+            return multipart::parse_form(content_type, bytes);
+        }
+        serde_json::from_slice(bytes)
+            .map_err(|err| format!("We could not parse the JSON body of your request: {err}"))
+    }
+
+    /// What the vendor would refuse in a well-formed body: the pass-through endpoints' required
+    /// fields, and what the mock does not imitate (so a test does not mistake it for an answer).
+    fn body_refusal(&self, body: &Value) -> Option<String> {
+        match self {
+            Self::Passthrough { api, .. } => match api {
+                Api::Responses => None,
+                Api::ImageGenerations => media::images_refusal(body),
+                Api::Speech => media::speech_refusal(body),
+                Api::Transcriptions => media::transcription_refusal(body),
+            },
+            _ => None,
+        }
     }
 
     /// What the vendor would refuse before looking at the body: missing version or key
@@ -110,32 +208,16 @@ impl Endpoint {
     /// up in logs).
     fn rejection(&self, headers: &HeaderMap, query: Option<&str>) -> Option<(StatusCode, String)> {
         match self {
-            Self::OpenAiChat | Self::OpenAiEmbeddings => None,
-            Self::AzureChat { .. } | Self::AzureEmbeddings { .. } => {
-                match query_param(query, "api-version") {
-                    None => {
-                        return Some((
-                            StatusCode::BAD_REQUEST,
-                            "Missing the api-version query parameter.".to_owned(),
-                        ));
-                    }
-                    Some(version) if !is_azure_api_version(version) => {
-                        return Some((
-                            StatusCode::BAD_REQUEST,
-                            format!(
-                                "Unsupported api-version {version:?}: expected YYYY-MM-DD or YYYY-MM-DD-preview."
-                            ),
-                        ));
-                    }
-                    Some(_) => {}
-                }
-                (!has_header(headers, "api-key")).then(|| {
-                    (
-                        StatusCode::UNAUTHORIZED,
-                        "Access denied: the api-key header is missing.".to_owned(),
-                    )
-                })
-            }
+            Self::OpenAiChat
+            | Self::OpenAiEmbeddings
+            | Self::Passthrough {
+                host: Host::OpenAi, ..
+            } => None,
+            Self::AzureChat { .. }
+            | Self::AzureEmbeddings { .. }
+            | Self::Passthrough {
+                host: Host::Azure, ..
+            } => azure_rejection(headers, query),
             Self::AnthropicMessages => (!has_header(headers, "anthropic-version")).then(|| {
                 (
                     StatusCode::BAD_REQUEST,
@@ -176,6 +258,33 @@ impl Endpoint {
     }
 }
 
+/// Azure's refusals: a missing or malformed `api-version`, then a missing `api-key`.
+fn azure_rejection(headers: &HeaderMap, query: Option<&str>) -> Option<(StatusCode, String)> {
+    match query_param(query, "api-version") {
+        None => {
+            return Some((
+                StatusCode::BAD_REQUEST,
+                "Missing the api-version query parameter.".to_owned(),
+            ));
+        }
+        Some(version) if !is_azure_api_version(version) => {
+            return Some((
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "Unsupported api-version {version:?}: expected YYYY-MM-DD or YYYY-MM-DD-preview."
+                ),
+            ));
+        }
+        Some(_) => {}
+    }
+    (!has_header(headers, "api-key")).then(|| {
+        (
+            StatusCode::UNAUTHORIZED,
+            "Access denied: the api-key header is missing.".to_owned(),
+        )
+    })
+}
+
 /// The value of `name` in a query string, undecoded (the values the mock reads never need it).
 fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
     query?.split('&').find_map(|pair| {
@@ -209,15 +318,9 @@ pub(crate) async fn handle(
     path: String,
     bytes: &[u8],
 ) -> Response<Body> {
-    let parsed = serde_json::from_slice::<Value>(bytes);
+    let parsed = endpoint.parse_body(&parts.headers, bytes);
     let n = shared.next_id();
-    shared.update_stats(|stats| {
-        if endpoint.is_chat() {
-            stats.chat_requests += 1;
-        } else {
-            stats.embedding_requests += 1;
-        }
-    });
+    shared.update_stats(|stats| endpoint.count(stats));
     let query = parts.uri.query().map(str::to_owned);
     let rejection = endpoint.rejection(&parts.headers, query.as_deref());
     shared.record(RecordedRequest {
@@ -231,12 +334,11 @@ pub(crate) async fn handle(
     let vendor = endpoint.vendor();
     let mut response = match (rejection, parsed) {
         (Some((status, message)), _) => rejection_error(vendor, status, &message),
-        (None, Ok(body)) => answer(shared, &endpoint, n, &body).await,
-        (None, Err(err)) => rejection_error(
-            vendor,
-            StatusCode::BAD_REQUEST,
-            &format!("We could not parse the JSON body of your request: {err}"),
-        ),
+        (None, Ok(body)) => match endpoint.body_refusal(&body) {
+            Some(message) => rejection_error(vendor, StatusCode::BAD_REQUEST, &message),
+            None => answer(shared, &endpoint, n, &body).await,
+        },
+        (None, Err(message)) => rejection_error(vendor, StatusCode::BAD_REQUEST, &message),
     };
     if let Ok(value) = HeaderValue::from_str(&format!("req-up-{n}")) {
         response.headers_mut().insert("x-request-id", value);
@@ -256,13 +358,25 @@ async fn answer(shared: &Arc<Shared>, endpoint: &Endpoint, n: u64, body: &Value)
         Endpoint::AnthropicMessages => anthropic::directive_carrier(body),
         Endpoint::GeminiGenerate { .. } => gemini::directive_carrier(body),
         Endpoint::GeminiEmbed { .. } => gemini::embeddings_directive_carrier(body),
+        Endpoint::Passthrough { api, .. } => match api {
+            Api::Responses => responses::directive_carrier(body),
+            Api::ImageGenerations | Api::Transcriptions => media::directive_carrier(body, "prompt"),
+            Api::Speech => media::directive_carrier(body, "input"),
+        },
     };
     let behaviour = shared.behaviour().with_directives(carrier.as_deref());
 
-    let images = match vendor {
-        Vendor::OpenAi => openai::images(body),
-        Vendor::Anthropic => anthropic::images(body),
-        Vendor::Gemini => gemini::images(body),
+    let images = match endpoint {
+        Endpoint::Passthrough {
+            api: Api::Responses,
+            ..
+        } => responses::images(body),
+        Endpoint::Passthrough { .. } => 0,
+        _ => match vendor {
+            Vendor::OpenAi => openai::images(body),
+            Vendor::Anthropic => anthropic::images(body),
+            Vendor::Gemini => gemini::images(body),
+        },
     };
     if images > 0 {
         shared.update_stats(|stats| stats.images_seen += images);
@@ -290,6 +404,12 @@ async fn answer(shared: &Arc<Shared>, endpoint: &Endpoint, n: u64, body: &Value)
             gemini::generate(shared, n, body, &behaviour, model, *stream)
         }
         Endpoint::GeminiEmbed { batch, .. } => gemini::embed(body, *batch),
+        Endpoint::Passthrough { api, .. } => match api {
+            Api::Responses => responses::respond(shared, n, body, &behaviour),
+            Api::ImageGenerations => media::images(body),
+            Api::Speech => media::speech(shared, body, &behaviour),
+            Api::Transcriptions => media::transcription(shared, n, body, &behaviour),
+        },
     }
 }
 
@@ -449,6 +569,40 @@ mod tests {
         );
         assert_eq!(Endpoint::from_path("/v1beta/models/m:countTokens"), None);
         assert_eq!(Endpoint::from_path("/v1/models"), None);
+
+        let openai = |api| {
+            Some(Endpoint::Passthrough {
+                api,
+                host: Host::OpenAi,
+            })
+        };
+        assert_eq!(Endpoint::from_path("/v1/responses"), openai(Api::Responses));
+        assert_eq!(Endpoint::from_path("/responses"), openai(Api::Responses));
+        assert_eq!(
+            Endpoint::from_path("/v1/images/generations"),
+            openai(Api::ImageGenerations)
+        );
+        assert_eq!(Endpoint::from_path("/audio/speech"), openai(Api::Speech));
+        assert_eq!(
+            Endpoint::from_path("/v1/audio/transcriptions"),
+            openai(Api::Transcriptions)
+        );
+        assert_eq!(Endpoint::from_path("/v1/audio/translations"), None);
+        assert_eq!(
+            Endpoint::from_path("/openai/deployments/tts/audio/speech"),
+            Some(Endpoint::Passthrough {
+                api: Api::Speech,
+                host: Host::Azure,
+            })
+        );
+        assert_eq!(
+            Endpoint::from_path("/openai/responses"),
+            Some(Endpoint::Passthrough {
+                api: Api::Responses,
+                host: Host::Azure,
+            })
+        );
+        assert_eq!(Endpoint::from_path("/openai/deployments/d/responses"), None);
     }
 
     #[test]

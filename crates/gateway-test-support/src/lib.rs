@@ -15,6 +15,8 @@
 //! | Anthropic | `/v1/messages` (also `/messages`) | [`MockUpstream::anthropic_base_url`] |
 //! | Gemini | `/v1beta/models/{model}:generateContent`, `:streamGenerateContent?alt=sse`, `:embedContent`, `:batchEmbedContents` (also under `/v1/models/`) | [`MockUpstream::gemini_base_url`] |
 //! | Azure OpenAI | `/openai/deployments/{deployment}/chat/completions?api-version=...`, `.../embeddings?api-version=...` | [`MockUpstream::azure_base_url`] |
+//! | OpenAI pass-through | `/v1/responses`, `/v1/images/generations`, `/v1/audio/speech`, `/v1/audio/transcriptions` (also without `/v1`) | [`MockUpstream::base_url`] |
+//! | Azure pass-through | `/openai/responses?api-version=...`; `/openai/deployments/{deployment}/images/generations`, `.../audio/speech`, `.../audio/transcriptions` (each `?api-version=...`) | [`MockUpstream::azure_base_url`] |
 //!
 //! Another method on these paths is a 405, an unknown Gemini method a 404. Besides:
 //!
@@ -27,16 +29,21 @@
 //! # What every vendor request gets
 //!
 //! Request number `n` is a per-server counter starting at 1, never reset, shared by every
-//! request to a vendor endpoint above (chat and embeddings, all formats, refused ones too).
-//! Every answer carries the header `x-request-id: req-up-<n>`, error answers included, and
-//! ids derive from `n`: `chatcmpl-up-<n>`, `call_up_<n>`, `msg_up_<n>`, `toolu_up_<n>`,
-//! `gem-up-<n>`. Each such request is recorded (method, path, raw query, headers, JSON body)
-//! before anything else happens, so a test can inspect what was refused.
+//! request to a vendor endpoint above (chat, embeddings and pass-through, all formats,
+//! refused ones too). Every answer carries the header `x-request-id: req-up-<n>`, error
+//! answers included, and ids derive from `n`: `chatcmpl-up-<n>`, `call_up_<n>`, `msg_up_<n>`,
+//! `toolu_up_<n>`, `gem-up-<n>`, `resp_up_<n>`. Each such request is recorded (method, path,
+//! raw query, headers, JSON body; a multipart form as described in
+//! [`RecordedRequest::body`]) before anything else happens, so a test can inspect what was
+//! refused. Each is counted in one of [`MockStats::chat_requests`],
+//! [`MockStats::embedding_requests`] and [`MockStats::passthrough_requests`].
 //!
 //! In order, a request is then:
 //!
 //! 1. refused if the vendor would refuse its headers or URL (see each format below);
-//! 2. refused with a 400 if its body is not JSON;
+//! 2. refused with a 400 if its body is not JSON (transcriptions: not a readable
+//!    `multipart/form-data` form), or lacks what a pass-through endpoint requires (see
+//!    below);
 //! 3. given its [`Behaviour`]: the default, with the format's directive text applied on top;
 //! 4. counted in [`MockStats::images_seen`], delayed by `delay_ms`, and answered with the
 //!    injected `status` (plus `Retry-After`) if there is one;
@@ -169,6 +176,69 @@
 //! `INTERNAL` other 5xx, ...); with `retry_after_secs` also a `google.rpc.RetryInfo` detail.
 //! Field names are read in camelCase or snake_case, as Gemini accepts both.
 //!
+//! # OpenAI pass-through endpoints
+//!
+//! The gateway forwards these without translating them, so the answers only need to be
+//! OpenAI's shapes with usage where OpenAI reports it. Azure serves the same answers under its
+//! paths, with the Azure checks above; Azure's Responses API is per resource
+//! (`/openai/responses`, the model in the body), so `/openai/deployments/{d}/responses` is a
+//! 404 as on Azure. Refusals are 400s with type `invalid_request_error`.
+//!
+//! **`POST /v1/responses`.** `input` is a string or an array of items; `P` counts the
+//! characters of `instructions` (a string) and of the input: a string input, or each item's
+//! string `content` or its `input_text` and `output_text` parts (`input_image` parts count
+//! nothing and are counted in [`MockStats::images_seen`]; other items, such as
+//! `function_call_output`, count nothing). The answer is always text, even when the request
+//! defines tools:
+//!
+//! `{"id":"resp_up_<n>","object":"response","created_at":<unix>,"status":"completed",
+//! "model":<echo>,"output":[{"type":"message","id":"msg_up_<n>","status":"completed",
+//! "role":"assistant","content":[{"type":"output_text","text":<text>,"annotations":[]}]}],
+//! "usage":{"input_tokens":P,"input_tokens_details":{"cached_tokens":0},"output_tokens":C,
+//! "output_tokens_details":{"reasoning_tokens":0},"total_tokens":P+C}}`.
+//!
+//! With `"stream": true`, `event: NAME\ndata: JSON\n\n` events, each its own frame, each
+//! JSON with its `type` (= `NAME`) and a `sequence_number` counting from 0:
+//! `response.created` and `response.in_progress` (`response`: the object above with
+//! `status: "in_progress"`, `output: []`, `usage: null`), `response.output_item.added`
+//! (`output_index: 0`, `item`: the message with `status: "in_progress"`, `content: []`),
+//! `response.content_part.added` (`item_id: "msg_up_<n>"`, `output_index: 0`,
+//! `content_index: 0`, `part`: an empty `output_text`), `C` `response.output_text.delta`s
+//! (`item_id`, `output_index`, `content_index`, `delta: "tokI "`; sequence numbers 4 to
+//! `3 + C`), `response.output_text.done` (`text`), `response.content_part.done` (`part` with
+//! the text), `response.output_item.done` (the completed message) and `response.completed`
+//! (`response`: the whole object above, usage included). The in-band stream error is
+//! `event: error` with `{"type":"error","code":"server_error","message":"mock upstream error",
+//! "sequence_number":k}`, `k` the number the next event would have had, after which the stream
+//! ends.
+//!
+//! **`POST /v1/images/generations`** (`prompt` required; `"stream": true` is refused, the mock
+//! does not stream images): `{"created":<unix>,"data":[{"b64_json":B}, ...],"usage":
+//! {"input_tokens":P,"output_tokens":O,"total_tokens":P+O,"input_tokens_details":
+//! {"text_tokens":P,"image_tokens":0}}}`, with `B` = [`IMAGE_PNG_BASE64`] (a 1×1 transparent
+//! PNG), `N` = `n` (default 1, clamped to 1..=10) items in `data`, `O` = 1056 × `N` (what one 1024×1024 medium-quality gpt-image-1 image costs) and
+//! `P` counting the characters of `prompt`. `response_format`, `size` and `quality` are
+//! recorded, not honoured.
+//!
+//! **`POST /v1/audio/speech`** (JSON with `model`, `input`, `voice`; `input` required,
+//! `response_format` one of `mp3` (default), `opus`, `aac`, `flac`, `wav`, `pcm`;
+//! `stream_format: "sse"` is refused): a binary body of 1024 bytes with `content-type` per
+//! format (`audio/mpeg` for mp3, `audio/<format>` otherwise) and no usage, as OpenAI. The bytes
+//! are a function of `input` only: a 64-bit state starts at the FNV-1a hash of its UTF-8
+//! bytes; 128 times, `state = state * 6364136223846793005 + 1442695040888963407` (wrapping),
+//! then the state's 8 bytes little-endian. The body goes out in 4 frames of 256 bytes, played
+//! like a stream: counted in the stream stats, paced by `chunk_delay_ms`, cut by
+//! `reset_after_chunks` (which counts frames); `stream_error_after_chunks` does not apply, as
+//! audio has no in-band error.
+//!
+//! **`POST /v1/audio/transcriptions`** (`multipart/form-data`): a `file` part (one part with a
+//! file name) is required, as are readable form syntax and a boundary; text fields such as
+//! `model`, `language` and `prompt` are recorded. `response_format` `json` (default):
+//! `{"text":<text>,"usage":{"type":"tokens","input_tokens":50,"input_token_details":
+//! {"audio_tokens":50,"text_tokens":0},"output_tokens":C,"total_tokens":50+C}}`, the 50 fixed
+//! whatever the audio; `text`: the text alone as `text/plain`. Other formats (`verbose_json`,
+//! `srt`, `vtt`, ...) and `stream=true` are refused: the mock does not imitate them.
+//!
 //! # Faults
 //!
 //! See [`Behaviour`] for what can be injected, and [`MockUpstream::set_behaviour`] or the
@@ -178,19 +248,28 @@
 //! - OpenAI and Azure chat: the last message whose content is a string;
 //! - Anthropic: the last message with a string content or `text` blocks (joined);
 //! - Gemini: the last content with `text` parts (joined);
-//! - embeddings: the last string input (OpenAI, Azure), the last request's text (Gemini).
+//! - embeddings: the last string input (OpenAI, Azure), the last request's text (Gemini);
+//! - Responses API: a string `input`, or the text of the last `role: "user"` item that has
+//!   any (its string content, or its `input_text` and `output_text` parts joined);
+//! - image generations and transcriptions: the `prompt` field; speech: `input`.
 //!
-//! In a stream, `reset_after_chunks` and `stream_error_after_chunks` count content events:
-//! text pieces, or the argument fragments of a tool call (Gemini: payloads).
+//! `chunks` sets the text of Responses and transcriptions as it does for chat. In a stream,
+//! `reset_after_chunks` and `stream_error_after_chunks` count content events: text pieces
+//! (Responses: `response.output_text.delta` events), or the argument fragments of a tool call
+//! (Gemini: payloads; speech: 256-byte frames).
 
 mod anthropic;
 mod behaviour;
 mod endpoint;
 mod gemini;
+mod media;
+mod multipart;
 mod openai;
 mod reply;
+mod responses;
 mod server;
 mod stream;
 
 pub use behaviour::Behaviour;
+pub use media::IMAGE_PNG_BASE64;
 pub use server::{MockStats, MockUpstream, RecordedRequest};

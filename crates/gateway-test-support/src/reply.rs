@@ -5,6 +5,7 @@
 use crate::behaviour::Behaviour;
 use crate::server::Shared;
 use serde_json::{Value, json};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The tool call's arguments, streamed in these two pieces; joined they are
 /// `{"location":"Paris"}`.
@@ -15,6 +16,13 @@ pub(crate) const EMBEDDING_DIMENSIONS: usize = 8;
 
 pub(crate) fn tool_arguments() -> Value {
     json!({"location": "Paris"})
+}
+
+/// Seconds since the Unix epoch, for `created` fields (0 if the clock is before 1970).
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
 }
 
 /// `ceil(chars / 4) + 1`: the prompt token formula of every format.
@@ -84,12 +92,18 @@ impl Reply {
 /// hash of its UTF-8 bytes, mapped to `(byte - 128) / 128`. Multiples of 1/128 print exactly
 /// in JSON, so tests can compare vectors with `==`.
 pub(crate) fn embedding(text: &str) -> Vec<f64> {
-    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let hash = fnv1a(text);
     (0..EMBEDDING_DIMENSIONS)
         .map(|j| (f64::from(((hash >> (8 * j)) & 0xff) as u8) - 128.0) / 128.0)
         .collect()
+}
+
+/// The 64-bit FNV-1a hash of `text`'s UTF-8 bytes: simple enough for tests in any language to
+/// recompute what the mock derives from it.
+pub(crate) fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// The value at the first of `keys` that `value` has: Gemini accepts both camelCase and

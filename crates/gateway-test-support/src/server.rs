@@ -63,6 +63,9 @@ pub struct MockStats {
     pub tool_calls: u64,
     /// Streams ended with the vendor's in-band error event (`stream_error_after_chunks`).
     pub stream_errors: u64,
+    /// Requests to OpenAI's pass-through endpoints (Responses, image generations, speech,
+    /// transcriptions; OpenAI and Azure), rejected and malformed ones included.
+    pub passthrough_requests: u64,
 }
 
 /// One request to a vendor endpoint as the mock received it.
@@ -74,7 +77,10 @@ pub struct RecordedRequest {
     /// The raw query string (`api-version=...`, `alt=sse`), if the URL had one.
     pub query: Option<String>,
     pub headers: HeaderMap,
-    /// The parsed JSON body; `Value::Null` when the body was not valid JSON.
+    /// The parsed JSON body; `Value::Null` when the body was not valid JSON. A multipart form
+    /// (transcriptions) is recorded as a JSON object: each text field a string, each file part
+    /// `{"filename": ..., "bytes": N}`, a repeated name an array of its values; `Value::Null`
+    /// when the form could not be read.
     pub body: Value,
 }
 
@@ -189,8 +195,8 @@ impl MockUpstream {
         *lock(&self.shared.stats)
     }
 
-    /// The last 1000 requests to vendor endpoints (chat and embeddings in every format,
-    /// rejected ones included), oldest first. `/models`, `/health` and `/mock/*` are not kept.
+    /// The last 1000 requests to vendor endpoints (chat and embeddings in every format, and
+    /// the pass-through endpoints; rejected ones included), oldest first. `/models`, `/health` and `/mock/*` are not kept.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         lock(&self.shared.requests).iter().cloned().collect()
     }

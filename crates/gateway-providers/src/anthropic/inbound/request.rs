@@ -72,6 +72,9 @@ struct Message {
 enum MessageRole {
     User,
     Assistant,
+    /// A system turn in the conversation (Claude Code sends these with a beta), not only the
+    /// top-level `system`.
+    System,
 }
 
 enum Block {
@@ -230,6 +233,28 @@ pub fn from_anthropic_request(body: &[u8]) -> Result<ChatCompletionRequest, Gate
         match anthropic.role {
             MessageRole::User => user_messages(anthropic.content, &at, &mut messages)?,
             MessageRole::Assistant => messages.push(assistant_message(anthropic.content, &at)?),
+            MessageRole::System => {
+                let content = match anthropic.content {
+                    Content::Text(text) => Content::Text(text),
+                    Content::Blocks(blocks) => Content::Blocks(
+                        blocks
+                            .into_iter()
+                            .enumerate()
+                            .map(|(block_index, block)| {
+                                serde_json::from_value::<SystemBlock>(block).map_err(|err| {
+                                    invalid(
+                                        &format!("{at}.content[{block_index}]"),
+                                        format!("A system turn may only hold text blocks: {err}"),
+                                    )
+                                })
+                            })
+                            .collect::<Result<Vec<_>, _>>()?,
+                    ),
+                };
+                if let Some(content) = system_content(content)? {
+                    messages.push(message(Role::System, Some(content), Map::new()));
+                }
+            }
         }
     }
 
@@ -257,7 +282,7 @@ pub fn from_anthropic_request(body: &[u8]) -> Result<ChatCompletionRequest, Gate
         extra: Map::new(),
     });
     extra.append(&mut fields);
-    adapt_anthropic_only_fields(&mut extra);
+    adapt_anthropic_only_fields(&mut extra)?;
 
     Ok(ChatCompletionRequest {
         model,
@@ -297,7 +322,48 @@ fn required<T: DeserializeOwned>(
 /// (`context_management`), which no other vendor has, is left out: the client still sends the
 /// whole context, so skipping it changes cost, not answers. Without this, Claude Code could use
 /// no vendor but Anthropic.
-fn adapt_anthropic_only_fields(extra: &mut Map<String, Value>) {
+fn adapt_anthropic_only_fields(extra: &mut Map<String, Value>) -> Result<(), GatewayError> {
+    // `output_config` is how current Anthropic clients set effort and structured output.
+    if let Some(config) = extra.remove("output_config")
+        && let Value::Object(config) = config
+    {
+        for (key, value) in config {
+            match key.as_str() {
+                "effort" => {
+                    let effort = match value.as_str() {
+                        Some("low") => "low",
+                        Some("medium") => "medium",
+                        Some("high" | "max") => "high",
+                        _ => {
+                            return Err(invalid(
+                                "output_config.effort",
+                                "'output_config.effort' must be low, medium, high or max.",
+                            ));
+                        }
+                    };
+                    extra.insert("reasoning_effort".into(), effort.into());
+                }
+                "format" => {
+                    let schema = value.get("schema").cloned().ok_or_else(|| {
+                        invalid(
+                            "output_config.format.schema",
+                            "'output_config.format' needs a JSON 'schema'.",
+                        )
+                    })?;
+                    extra.insert(
+                        "response_format".into(),
+                        json!({"type": "json_schema", "json_schema": {"name": "output", "schema": schema, "strict": true}}),
+                    );
+                }
+                other => {
+                    return Err(invalid(
+                        &format!("output_config.{other}"),
+                        format!("'output_config.{other}' cannot be served by this model's vendor."),
+                    ));
+                }
+            }
+        }
+    }
     if let Some(thinking) = extra.remove("thinking")
         && thinking.get("type").and_then(Value::as_str) == Some("enabled")
     {
@@ -314,7 +380,9 @@ fn adapt_anthropic_only_fields(extra: &mut Map<String, Value>) {
             .entry("reasoning_effort")
             .or_insert_with(|| effort.into());
     }
+    // `adaptive` thinking leaves the effort to the model: the vendor's default does the same.
     extra.remove("context_management");
+    Ok(())
 }
 
 fn message(role: Role, content: Option<MessageContent>, extra: Map<String, Value>) -> ChatMessage {
@@ -633,6 +701,34 @@ mod tests {
     }
 
     #[test]
+    fn system_turns_and_output_config_have_openai_counterparts() {
+        let out = translate(json!({
+            "model": "m", "max_tokens": 100,
+            "thinking": {"type": "adaptive", "display": "omitted"},
+            "output_config": {"effort": "max", "format": {"type": "json_schema", "schema": {"type": "object"}}},
+            "context_management": {"edits": []},
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "system", "content": [{"type": "text", "text": "tools changed"}]},
+                {"role": "user", "content": "go on"}
+            ]
+        }))
+        .unwrap();
+        assert_eq!(
+            out["messages"][1],
+            json!({"role": "system", "content": "tools changed"})
+        );
+        assert_eq!(out["reasoning_effort"], "high");
+        assert_eq!(
+            out["response_format"]["json_schema"]["schema"],
+            json!({"type": "object"})
+        );
+        for gone in ["thinking", "output_config", "context_management"] {
+            assert!(out.get(gone).is_none(), "{gone} left in {out}");
+        }
+    }
+
+    #[test]
     fn system_metadata_stop_and_stream() {
         let out = translate(json!({"model": "m", "max_tokens": 1, "system": "be brief",
             "metadata": {"user_id": "u"}, "stop_sequences": ["X"], "stream": true,
@@ -697,8 +793,12 @@ mod tests {
                 "messages",
             ),
             (
-                json!({"model": "m", "max_tokens": 1, "messages": [{"role": "system", "content": "x"}]}),
+                json!({"model": "m", "max_tokens": 1, "messages": [{"role": "tool", "content": "x"}]}),
                 "messages[0].role",
+            ),
+            (
+                json!({"model": "m", "max_tokens": 1, "output_config": {"mystery": 1}, "messages": [{"role": "user", "content": "x"}]}),
+                "output_config.mystery",
             ),
             (
                 json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": 5}]}),
