@@ -98,16 +98,15 @@ where
         let name = event.event.as_str();
         let last = FINAL_EVENTS.contains(&name);
         let mut usage = None;
-        if name == "response.created" || last {
-            if let Ok(ResponseEvent {
+        if (name == "response.created" || last)
+            && let Ok(ResponseEvent {
                 response: Some(summary),
             }) = serde_json::from_str::<ResponseEvent>(&event.data)
-            {
-                if response_id.is_none() {
-                    response_id = summary.id;
-                }
-                usage = summary.usage.map(Usage::from);
+        {
+            if response_id.is_none() {
+                response_id = summary.id;
             }
+            usage = summary.usage.map(Usage::from);
         }
         let mut frame = String::with_capacity(name.len() + event.data.len() + 16);
         if !name.is_empty() {
