@@ -110,12 +110,18 @@ where
                     if let Some(context) = context {
                         context.outcome().error_type = Some(err.error_type());
                     }
-                    if anthropic_client {
+                    let mut response = if anthropic_client {
                         let (status, body) = anthropic::error_response(&err);
-                        Ok(json_response(status, body))
+                        json_response(status, body)
                     } else {
-                        Ok(error_response(&err))
+                        error_response(&err)
+                    };
+                    if let Some(retry_after) = err.retry_after() {
+                        response
+                            .headers_mut()
+                            .insert(http::header::RETRY_AFTER, retry_after.clone());
                     }
+                    Ok(response)
                 }
             }
         })
@@ -454,6 +460,7 @@ fn forwarded_response(
 ) -> Response<ResponseBody> {
     let status = reply.status;
     let content_type = reply.content_type;
+    let retry_after = reply.retry_after;
     context.outcome().vendor_request_id = reply.vendor_request_id;
     let mut response = match reply.body {
         ForwardBody::Complete {
@@ -480,6 +487,11 @@ fn forwarded_response(
     };
     if let Some(content_type) = content_type {
         response.headers_mut().insert(CONTENT_TYPE, content_type);
+    }
+    if let Some(retry_after) = retry_after {
+        response
+            .headers_mut()
+            .insert(http::header::RETRY_AFTER, retry_after);
     }
     response
 }

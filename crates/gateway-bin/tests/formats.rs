@@ -269,9 +269,10 @@ async fn vendor_errors_keep_status_and_message_across_formats() {
         "{body}"
     );
     let response = h
-        .chat(json!({"model": "gem", "messages": directive("[[mock status=429]]")}))
+        .chat(json!({"model": "gem", "messages": directive("[[mock status=429 retry_after_secs=7]]")}))
         .await;
     assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "7");
     // A mid-stream vendor error is an error for the client, never a normal end.
     let response = h
         .chat(json!({"model": "claude", "stream": true, "messages": directive("[[mock stream_error_after_chunks=2]]")}))
@@ -429,7 +430,17 @@ async fn anthropic_client_to_anthropic_vendor_is_forwarded_natively() {
         Some("beta=true")
     );
 
-    // A vendor error reaches a native client unchanged, status and body.
+    // A vendor error reaches a native client unchanged, status, body and back-off.
+    let response = messages_request(&h)
+        .json(&json!({
+            "model": "claude", "max_tokens": 64,
+            "messages": [{"role": "user", "content": "[[mock status=429 retry_after_secs=4]]"}]
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "4");
     for status in [400, 529] {
         let response = messages_request(&h)
             .json(&json!({

@@ -344,6 +344,11 @@ async fn vendor_errors_keep_their_status_and_message() {
         .chat(json!({"model": "chat", "messages": directive("[[mock status=429 retry_after_secs=3]]")}))
         .await;
     assert_eq!(response.status(), 429);
+    assert_eq!(
+        header(&response, "retry-after"),
+        "3",
+        "the vendor's back-off is relayed"
+    );
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["message"], "mock upstream error 429");
     let response = h

@@ -93,6 +93,8 @@ pub enum GatewayError {
         provider: String,
         status: StatusCode,
         body: Bytes,
+        /// The vendor's `Retry-After`, relayed so clients back off as the vendor asked.
+        retry_after: Option<http::HeaderValue>,
     },
 
     #[error("Provider `{provider}` sent an invalid response: {reason}")]
@@ -124,6 +126,22 @@ impl GatewayError {
         Self::InvalidRequest {
             message: message.into(),
             param,
+        }
+    }
+
+    /// Sets the vendor's `Retry-After` on a vendor error (other errors have none).
+    #[must_use]
+    pub fn with_retry_after(mut self, value: Option<&http::HeaderValue>) -> Self {
+        if let Self::UpstreamStatus { retry_after, .. } = &mut self {
+            retry_after.clone_from(&value.cloned());
+        }
+        self
+    }
+
+    pub fn retry_after(&self) -> Option<&http::HeaderValue> {
+        match self {
+            Self::UpstreamStatus { retry_after, .. } => retry_after.as_ref(),
+            _ => None,
         }
     }
 
@@ -294,6 +312,7 @@ mod tests {
             br#"{"error":{"message":"vendor says no","type":"invalid_request_error","code":"context_length_exceeded"}}"#,
         );
         let err = GatewayError::UpstreamStatus {
+            retry_after: None,
             provider: "openai".into(),
             status: StatusCode::BAD_REQUEST,
             body: vendor.clone(),
@@ -305,6 +324,7 @@ mod tests {
     #[test]
     fn non_json_vendor_error_is_wrapped() {
         let err = GatewayError::UpstreamStatus {
+            retry_after: None,
             provider: "openai".into(),
             status: StatusCode::BAD_GATEWAY,
             body: Bytes::from_static(b"<html>bad gateway</html>"),

@@ -141,6 +141,8 @@ pub struct ForwardCall {
 pub struct ForwardReply {
     pub status: http::StatusCode,
     pub content_type: Option<http::HeaderValue>,
+    /// The vendor's `Retry-After`, relayed with an error status.
+    pub retry_after: Option<http::HeaderValue>,
     pub vendor_request_id: Option<String>,
     pub body: ForwardBody,
 }

@@ -21,7 +21,7 @@ use gateway_core::provider::{
     ChatCall, ChatProvider, ChatReply, CompleteReply, ForwardBody, ForwardCall, ForwardChunk,
     ForwardReply, NativeApi, StreamEvent, StreamReply,
 };
-use http::header::{ACCEPT, CONTENT_TYPE, HeaderName, HeaderValue};
+use http::header::{ACCEPT, CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
 use http::{Method, Request, Uri};
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
@@ -195,10 +195,12 @@ impl Inner {
             .await?;
         let status = response.status();
         let vendor_request_id = header_string(response.headers(), "request-id");
+        let retry_after = response.headers().get(RETRY_AFTER).cloned();
         let body = response.into_body();
         if !status.is_success() {
             let body = self.error_body(status, body, key.as_ref()).await?;
-            return Err(error_from_anthropic(&self.name, status, &body));
+            return Err(error_from_anthropic(&self.name, status, &body)
+                .with_retry_after(retry_after.as_ref()));
         }
         let created = time::OffsetDateTime::now_utc().unix_timestamp();
         if stream {
@@ -232,12 +234,14 @@ impl Inner {
         let status = response.status();
         let vendor_request_id = header_string(response.headers(), "request-id");
         let content_type = response.headers().get(CONTENT_TYPE).cloned();
+        let retry_after = response.headers().get(RETRY_AFTER).cloned();
         let body = response.into_body();
         if !status.is_success() {
             let bytes = self.error_body(status, body, key.as_ref()).await?;
             return Ok(ForwardReply {
                 status,
                 content_type,
+                retry_after,
                 vendor_request_id,
                 body: ForwardBody::Complete {
                     bytes,
@@ -251,6 +255,7 @@ impl Inner {
             return Ok(ForwardReply {
                 status,
                 content_type,
+                retry_after: None,
                 vendor_request_id,
                 body: ForwardBody::Stream(chunks),
             });
@@ -260,6 +265,7 @@ impl Inner {
         Ok(ForwardReply {
             status,
             content_type,
+            retry_after: None,
             vendor_request_id,
             body: ForwardBody::Complete {
                 usage: translated.as_ref().and_then(|t| t.usage),

@@ -24,7 +24,7 @@ use gateway_core::config::ConfigError;
 use gateway_core::provider::{
     ChatCall, ChatProvider, ChatReply, CompleteReply, EmbeddingsCall, StreamEvent, StreamReply,
 };
-use http::header::{ACCEPT, CONTENT_TYPE, HeaderName, HeaderValue};
+use http::header::{ACCEPT, CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
 use http::{Method, Request, Uri};
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
@@ -164,6 +164,7 @@ impl Inner {
         .await?;
         let status = response.status();
         let vendor_request_id = header_string(response.headers(), "x-goog-request-id");
+        let retry_after = response.headers().get(RETRY_AFTER).cloned();
         let body = response.into_body();
         if !status.is_success() {
             let body = read_body(&self.name, body, MAX_ERROR_BYTES).await;
@@ -175,7 +176,9 @@ impl Inner {
                 quota_exhausted,
             );
             let body = body?;
-            return Err(error_from_gemini(&self.name, status, &body));
+            return Err(
+                error_from_gemini(&self.name, status, &body).with_retry_after(retry_after.as_ref())
+            );
         }
         Ok((vendor_request_id, body))
     }

@@ -26,7 +26,7 @@ use gateway_core::provider::{
     ForwardReply, NativeApi, StreamReply,
 };
 use gateway_core::{GatewayError, RequestId};
-use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{Method, Request, Uri};
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
@@ -47,6 +47,8 @@ pub struct OpenAiProvider {
 #[derive(Debug)]
 struct Inner {
     name: String,
+    /// The vendor keys, to mask them in relayed error bodies (`Secret`'s `Debug` hides them).
+    secrets: Vec<crate::Secret>,
     /// Top-level fields beyond OpenAI's own that this vendor receives; `None`: all of them.
     extra_fields: Option<std::collections::HashSet<String>>,
     flavour: Flavour,
@@ -107,6 +109,12 @@ impl OpenAiProvider {
         Ok(Self {
             inner: Arc::new(Inner {
                 name: config.name.clone(),
+                secrets: config
+                    .api_keys
+                    .iter()
+                    .filter(|key| key.expose().len() >= 8)
+                    .cloned()
+                    .collect(),
                 extra_fields: (!config.extra_fields.iter().any(|field| field == "*"))
                     .then(|| config.extra_fields.iter().cloned().collect()),
                 flavour,
@@ -217,6 +225,24 @@ impl Inner {
         Ok((response, key))
     }
 
+    /// A vendor error body with this provider's own keys masked: some vendors and relays quote
+    /// the key they were given, and the client must never see ours.
+    fn scrub(&self, body: Bytes) -> Bytes {
+        let text = String::from_utf8_lossy(&body);
+        if !self
+            .secrets
+            .iter()
+            .any(|secret| text.contains(secret.expose()))
+        {
+            return body;
+        }
+        let mut text = text.into_owned();
+        for secret in &self.secrets {
+            text = text.replace(secret.expose(), "***");
+        }
+        Bytes::from(text)
+    }
+
     /// A vendor's error answer: relayed as it is, after noting whether it condemns the key.
     async fn vendor_error(
         &self,
@@ -236,7 +262,8 @@ impl Inner {
             Ok(body) => GatewayError::UpstreamStatus {
                 provider: self.name.clone(),
                 status,
-                body,
+                body: self.scrub(body),
+                retry_after: None,
             },
             Err(err) => err,
         }
@@ -257,9 +284,11 @@ impl Inner {
             .await?;
         let status = response.status();
         let vendor_request_id = header_string(response.headers(), "x-request-id");
+        let retry_after = response.headers().get(RETRY_AFTER).cloned();
         let body = response.into_body();
         if !status.is_success() {
-            return Err(self.vendor_error(status, body, key.as_ref()).await);
+            let err = self.vendor_error(status, body, key.as_ref()).await;
+            return Err(err.with_retry_after(retry_after.as_ref()));
         }
         let body = read_body(&self.name, body, MAX_RESPONSE_BYTES).await?;
         let summary =
@@ -297,6 +326,7 @@ impl Inner {
         let status = response.status();
         let vendor_request_id = header_string(response.headers(), "x-request-id");
         let content_type = response.headers().get(CONTENT_TYPE).cloned();
+        let retry_after = response.headers().get(RETRY_AFTER).cloned();
         let body = response.into_body();
         if !status.is_success() {
             let bytes = read_body(&self.name, body, MAX_ERROR_BYTES).await;
@@ -310,9 +340,10 @@ impl Inner {
             return Ok(ForwardReply {
                 status,
                 content_type,
+                retry_after,
                 vendor_request_id,
                 body: ForwardBody::Complete {
-                    bytes: bytes?,
+                    bytes: self.scrub(bytes?),
                     usage: None,
                     response_id: None,
                 },
@@ -323,6 +354,7 @@ impl Inner {
             return Ok(ForwardReply {
                 status,
                 content_type,
+                retry_after: None,
                 vendor_request_id,
                 body: ForwardBody::Stream(chunks.boxed()),
             });
@@ -336,6 +368,7 @@ impl Inner {
         Ok(ForwardReply {
             status,
             content_type,
+            retry_after: None,
             vendor_request_id,
             body: ForwardBody::Complete {
                 bytes,
@@ -405,10 +438,12 @@ impl Inner {
             .await?;
         let status = response.status();
         let vendor_request_id = header_string(response.headers(), "x-request-id");
+        let retry_after = response.headers().get(RETRY_AFTER).cloned();
         let body = response.into_body();
 
         if !status.is_success() {
-            return Err(self.vendor_error(status, body, key.as_ref()).await);
+            let err = self.vendor_error(status, body, key.as_ref()).await;
+            return Err(err.with_retry_after(retry_after.as_ref()));
         }
         if stream {
             let events = openai_events(self.name.clone(), body.into_data_stream()).boxed();
@@ -525,6 +560,33 @@ fn quota_exhausted(body: &Value) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_keys_are_masked_in_relayed_errors() {
+        let client = UpstreamClient::new(Duration::from_secs(1)).unwrap();
+        let config = ProviderConfig {
+            name: "relay".into(),
+            kind: ProviderKind::Openai,
+            base_urls: vec!["https://relay.example/v1".into()],
+            api_keys: vec![crate::Secret::new("sk-relay-secret-123")],
+            extra_fields: Vec::new(),
+            api_version: None,
+            timeout_secs: 60,
+            base_url_cooldown_secs: 30,
+            key_cooldown_secs: 60,
+            key_revoked_cooldown_secs: 300,
+        };
+        let provider = OpenAiProvider::new(&config, &client, "p").unwrap();
+        let body = Bytes::from_static(
+            br#"{"error":{"message":"Incorrect API key provided: sk-relay-secret-123."}}"#,
+        );
+        let scrubbed = provider.inner.scrub(body);
+        assert_eq!(
+            &scrubbed[..],
+            br#"{"error":{"message":"Incorrect API key provided: ***."}}"#
+        );
+        assert!(!format!("{provider:?}").contains("sk-relay-secret-123"));
+    }
 
     #[test]
     fn azure_needs_a_url_safe_api_version() {

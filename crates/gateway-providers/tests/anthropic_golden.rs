@@ -361,6 +361,7 @@ fn openai_events(input: &str) -> Vec<Result<StreamEvent, GatewayError>> {
         .map(|(event, data)| {
             if event == "upstream_error" {
                 return Err(GatewayError::UpstreamStatus {
+                    retry_after: None,
                     provider: "openai".into(),
                     status: StatusCode::from_u16(
                         u16::try_from(data["status"].as_u64().unwrap()).unwrap(),

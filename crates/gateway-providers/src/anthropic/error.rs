@@ -86,6 +86,7 @@ fn upstream_status(
         }
     });
     GatewayError::UpstreamStatus {
+        retry_after: None,
         provider: provider.to_owned(),
         status,
         body: serde_json::to_vec(&body).map_or_else(|_| Bytes::new(), Bytes::from),
@@ -318,6 +319,7 @@ mod tests {
         );
 
         let openai_vendor = GatewayError::UpstreamStatus {
+            retry_after: None,
             provider: "openai".into(),
             status: StatusCode::UNAUTHORIZED,
             body: Bytes::from_static(br#"{"error":{"message":"Incorrect API key provided: sk-abcdefghijklmnop","type":"invalid_request_error"}}"#),

@@ -125,6 +125,7 @@ fn upstream(
         }
     });
     GatewayError::UpstreamStatus {
+        retry_after: None,
         provider: provider.to_owned(),
         status,
         body: Bytes::from(body.to_string()),
