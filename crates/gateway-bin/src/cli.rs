@@ -30,7 +30,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve the API (the default).
+    /// Serve the API (the default). The config file is reloaded when it changes and on SIGHUP.
     Serve,
     /// Config file tools.
     Config {
@@ -125,7 +125,7 @@ fn load(path: &Path) -> anyhow::Result<GatewayConfig> {
 async fn serve(path: &Path) -> anyhow::Result<()> {
     let config = load(path)?;
     let _log_guard = gateway_observability::init_tracing(&config.observability);
-    let gateway = RunningGateway::start(config).await?;
+    let gateway = RunningGateway::start_with_reload(config, path.to_path_buf()).await?;
     wait_for_signal().await;
     tracing::info!("shutting down");
     gateway.shutdown().await;

@@ -3,11 +3,14 @@
 //! `main.rs` parses the command line and calls [`cli::run`]; everything else lives here so the
 //! integration tests start exactly the gateway users run ([`RunningGateway::start`]).
 
+mod admin;
 pub mod cli;
 pub mod config;
+pub mod reload;
 pub mod server;
 pub mod service;
 pub mod state;
 
 pub use config::{ConfigLoadError, GatewayConfig};
+pub use reload::ReloadStatus;
 pub use server::RunningGateway;

@@ -1,6 +1,9 @@
-//! Starting and stopping the gateway: listener, connections, the usage writer.
+//! Starting and stopping the gateway: listeners, connections, the usage writer, and (when it
+//! follows a config file) the reload task and the admin listener.
 
+use crate::admin;
 use crate::config::GatewayConfig;
+use crate::reload::{self, ReloadStatus, Reloader, Triggers};
 use crate::service::{AppState, build_stack};
 use crate::state::Snapshot;
 use anyhow::Context as _;
@@ -14,6 +17,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -25,17 +29,48 @@ use tokio::task::JoinHandle;
 #[derive(Debug)]
 pub struct RunningGateway {
     addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     state: Arc<AppState>,
+    reload_status: Arc<ArcSwap<ReloadStatus>>,
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
+    admin: Option<JoinHandle<()>>,
+    reloader: Option<JoinHandle<()>>,
     writer: UsageWriter,
     grace: Duration,
 }
 
 impl RunningGateway {
-    /// Binds the listener and starts serving. Returns once requests can be accepted; the
-    /// usage database is connected in the background and never delays start-up.
+    /// Binds the listener and starts serving `config` as it is: no reload, no admin listener
+    /// (tests start many gateways at once, and the admin port's default would collide).
+    /// Returns once requests can be accepted; the usage database is connected in the
+    /// background and never delays start-up.
     pub async fn start(config: GatewayConfig) -> anyhow::Result<Self> {
+        Self::launch(config, None).await
+    }
+
+    /// Loads the config file and serves it as `gateway serve` does: see
+    /// [`RunningGateway::start_with_reload`].
+    pub async fn start_from_file(path: impl Into<PathBuf>) -> anyhow::Result<Self> {
+        let path = path.into();
+        let config = GatewayConfig::load(&path).map_err(|err| {
+            anyhow::anyhow!(
+                "invalid config {}:\n  {}",
+                path.display(),
+                err.errors().join("\n  ")
+            )
+        })?;
+        Self::start_with_reload(config, path).await
+    }
+
+    /// Serves `config`, which was loaded from `path`, and keeps following the file: it is
+    /// reloaded when it changes (a watcher on its directory) and on SIGHUP, and the admin
+    /// listener (`server.admin_listen`) reports which version is live.
+    pub async fn start_with_reload(config: GatewayConfig, path: PathBuf) -> anyhow::Result<Self> {
+        Self::launch(config, Some(path)).await
+    }
+
+    async fn launch(config: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<Self> {
         let client = UpstreamClient::new(Duration::from_secs(10))
             .context("building the upstream HTTP client")?;
         let snapshot = Snapshot::build(&config, &client)?;
@@ -43,6 +78,18 @@ impl RunningGateway {
             .await
             .with_context(|| format!("binding {}", config.server.listen))?;
         let addr = listener.local_addr()?;
+        // Everything that can fail comes before anything is spawned, so a failed start leaves
+        // no task behind.
+        let reload = match &path {
+            Some(path) => {
+                let admin = TcpListener::bind(config.server.admin_listen)
+                    .await
+                    .with_context(|| format!("binding {}", config.server.admin_listen))?;
+                let triggers = Triggers::install(path)?;
+                Some((path.clone(), admin, triggers))
+            }
+            None => None,
+        };
 
         let (recorder, writer) = UsageWriter::spawn(config.database.clone());
         let mut observers: Vec<Arc<dyn RequestObserver>> = Vec::new();
@@ -57,35 +104,74 @@ impl RunningGateway {
             max_body_bytes: config.server.max_body_bytes,
             stream_drain: Duration::from_secs(config.policy.stream_drain_secs),
         });
+        let reload_status = Arc::new(ArcSwap::from_pointee(ReloadStatus::new(&config.version)));
         let (stop, stopped) = watch::channel(false);
         let stack = build_stack(state.clone(), observers);
         let server = tokio::spawn(accept_loop(
             listener,
             stack,
-            stopped,
+            stopped.clone(),
             Duration::from_secs(config.server.shutdown_grace_secs),
         ));
+        let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+        let summary = (
+            config.version.clone(),
+            config.models.len(),
+            config.providers.len(),
+            config.projects.len(),
+        );
+        let (admin_addr, admin, reloader) = match reload {
+            Some((path, admin_listener, triggers)) => {
+                let admin_addr = admin_listener.local_addr()?;
+                let admin = tokio::spawn(admin::serve(
+                    admin_listener,
+                    reload_status.clone(),
+                    stopped.clone(),
+                ));
+                let reloader =
+                    Reloader::new(path, state.clone(), client, config, reload_status.clone());
+                let reloader = reload::spawn(reloader, triggers, stopped);
+                (Some(admin_addr), Some(admin), Some(reloader))
+            }
+            None => (None, None, None),
+        };
         state.ready.store(true, Ordering::Release);
+        let (config_version, aliases, providers, projects) = summary;
         tracing::info!(
             %addr,
-            config_version = %config.version,
-            aliases = config.models.len(),
-            providers = config.providers.len(),
-            projects = config.projects.len(),
+            admin_addr = ?admin_addr,
+            config_version = %config_version,
+            aliases,
+            providers,
+            projects,
             "gateway listening"
         );
         Ok(Self {
             addr,
+            admin_addr,
             state,
+            reload_status,
             stop,
             server,
+            admin,
+            reloader,
             writer,
-            grace: Duration::from_secs(config.server.shutdown_grace_secs),
+            grace,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The admin listener's address, when the gateway follows a config file.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The config version in force and the reload counts.
+    pub fn reload_status(&self) -> ReloadStatus {
+        ReloadStatus::clone(&self.reload_status.load())
     }
 
     pub fn usage_stats(&self) -> WriterStats {
@@ -99,6 +185,13 @@ impl RunningGateway {
         let _ignored = self.stop.send(true);
         if let Err(err) = self.server.await {
             tracing::error!(error = %err, "server task failed");
+        }
+        for (task, name) in [(self.admin, "admin"), (self.reloader, "reload")] {
+            if let Some(task) = task
+                && let Err(err) = task.await
+            {
+                tracing::error!(error = %err, task = name, "task failed");
+            }
         }
         let stats = self
             .writer
