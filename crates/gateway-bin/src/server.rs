@@ -160,6 +160,11 @@ impl RunningGateway {
         })
     }
 
+    /// Counters of the active config version's routing table (canary rollbacks, ejections).
+    pub fn routing_stats(&self) -> gateway_routing::RoutingStats {
+        self.state.snapshot.load().routes.stats()
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }

@@ -13,6 +13,7 @@
 use crate::state::Snapshot;
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
@@ -30,6 +31,7 @@ use gateway_core::{
 use gateway_observability::ObserveLayer;
 use gateway_providers::DynProvider;
 use gateway_providers::anthropic;
+use gateway_routing::{Attempt, FailureClass, Outcome, RouteInputs, RoutePlan};
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -228,9 +230,8 @@ fn readiness(state: &AppState) -> Response<ResponseBody> {
 }
 
 fn request_parts(
-    request: &Request<Incoming>,
+    extensions: &http::Extensions,
 ) -> Result<(Arc<RequestContext>, Principal, Arc<Snapshot>), GatewayError> {
-    let extensions = request.extensions();
     let missing = |what: &str| GatewayError::Internal(format!("request has no {what}"));
     Ok((
         extensions
@@ -249,7 +250,7 @@ fn request_parts(
 }
 
 fn list_models(request: &Request<Incoming>) -> Result<Response<ResponseBody>, GatewayError> {
-    let (_context, principal, snapshot) = request_parts(request)?;
+    let (_context, principal, snapshot) = request_parts(request.extensions())?;
     let data = snapshot
         .routes
         .aliases()
@@ -270,18 +271,21 @@ fn list_models(request: &Request<Incoming>) -> Result<Response<ResponseBody>, Ga
     Ok(json_response(StatusCode::OK, Bytes::from(body)))
 }
 
-async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, GatewayError> {
+async fn read_body(
+    headers: &http::HeaderMap,
+    body: Incoming,
+    limit: usize,
+) -> Result<Bytes, GatewayError> {
     let too_large = GatewayError::PayloadTooLarge { limit_bytes: limit };
     // Refuse a declared oversize body before reading a byte of it.
-    let declared = request
-        .headers()
+    let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok());
     if declared.is_some_and(|length| length > limit as u64) {
         return Err(too_large);
     }
-    match Limited::new(request.into_body(), limit).collect().await {
+    match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(too_large),
         Err(err) => Err(GatewayError::invalid_request(
@@ -295,12 +299,34 @@ async fn chat_completions(
     state: &AppState,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    let (context, principal, snapshot) = request_parts(&request)?;
-    let body = read_body(request, state.max_body_bytes).await?;
+    let (parts, body) = request.into_parts();
+    let (context, principal, snapshot) = request_parts(&parts.extensions)?;
+    let body = read_body(&parts.headers, body, state.max_body_bytes).await?;
     let chat = ChatCompletionRequest::from_json(&body)?;
     let client_wants_usage = chat.client_wants_stream_usage();
-
-    match route_and_call(&context, &principal, &snapshot, chat).await? {
+    let plan = plan_route(
+        &context,
+        &principal,
+        &snapshot,
+        &chat.model,
+        chat.is_stream(),
+        chat.estimate_prompt_tokens(),
+        chat.user.as_deref(),
+        &parts.headers,
+    )?;
+    // Moved into the last attempt; earlier attempts (fallbacks pending) get a copy.
+    let mut chat = Some(chat);
+    let reply = walk_plan(&context, &snapshot, &plan, |attempt, provider, last| {
+        let mut request = if last { chat.take() } else { chat.clone() }
+            .ok_or_else(|| GatewayError::Internal("request already sent".into()))?;
+        request.model = attempt.model().to_string();
+        Ok(provider.chat(ChatCall {
+            request,
+            request_id: context.id,
+        }))
+    })
+    .await?;
+    match reply {
         ChatReply::Complete(reply) => {
             note_complete(&context, &reply);
             Ok(json_response(StatusCode::OK, reply.body))
@@ -314,6 +340,13 @@ async fn chat_completions(
     }
 }
 
+/// What a `/v1/messages` attempt got back: the vendor's own answer, or an OpenAI one to
+/// translate.
+enum MessagesReply {
+    Native(ForwardReply),
+    Translated(ChatReply),
+}
+
 /// `POST /v1/messages`: the Anthropic Messages format. A vendor that speaks it natively gets
 /// the body as the client sent it (model replaced), so fields and betas the gateway does not
 /// know survive; any other vendor is reached through the OpenAI canonical form.
@@ -321,70 +354,80 @@ async fn anthropic_messages(
     state: &AppState,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    let (context, principal, snapshot) = request_parts(&request)?;
-    let client_headers = anthropic_headers(request.headers());
-    let beta = request
-        .uri()
+    let (parts, body) = request.into_parts();
+    let (context, principal, snapshot) = request_parts(&parts.extensions)?;
+    let client_headers = anthropic_headers(&parts.headers);
+    let beta = parts
+        .uri
         .query()
         .is_some_and(|query| query.split('&').any(|pair| pair == "beta=true"));
-    let body = read_body(request, state.max_body_bytes).await?;
+    let body = read_body(&parts.headers, body, state.max_body_bytes).await?;
     let head = RequestHead::parse(&body)?;
     // Anthropic clients read input tokens from `message_start`, before any vendor has counted
     // them: they get an estimate there, and the vendor's count in the final `message_delta`.
     let estimated_input_tokens = (body.len() as u64).div_ceil(4);
-    let (upstream_model, provider) = resolve_route(
+    let plan = plan_route(
         &context,
         &principal,
         &snapshot,
         &head.model,
         head.stream,
         estimated_input_tokens,
+        None,
+        &parts.headers,
     )?;
-
-    if provider
-        .native_apis()
-        .contains(&NativeApi::AnthropicMessages)
-    {
-        let call = ForwardCall {
-            api: NativeApi::AnthropicMessages,
-            model: upstream_model.to_string(),
-            body: replace_model(&body, &upstream_model)?,
-            headers: client_headers,
-            content_type: None,
-            beta,
-            stream: head.stream,
+    // Translated once, and only if some attempt needs it.
+    let mut translated: Option<ChatCompletionRequest> = None;
+    let reply = walk_plan(&context, &snapshot, &plan, |attempt, provider, _last| {
+        if provider
+            .native_apis()
+            .contains(&NativeApi::AnthropicMessages)
+        {
+            let call = ForwardCall {
+                api: NativeApi::AnthropicMessages,
+                model: attempt.model().to_string(),
+                body: replace_model(&body, attempt.model())?,
+                headers: client_headers.clone(),
+                content_type: None,
+                beta,
+                stream: head.stream,
+                request_id: context.id,
+            };
+            return Ok(provider
+                .forward(call)
+                .map(|reply| reply.map(MessagesReply::Native))
+                .boxed());
+        }
+        if translated.is_none() {
+            translated = Some(anthropic::from_anthropic_request(&body)?);
+        }
+        let mut request = translated
+            .clone()
+            .ok_or_else(|| GatewayError::Internal("translation missing".into()))?;
+        request.model = attempt.model().to_string();
+        let call = ChatCall {
+            request,
             request_id: context.id,
         };
-        let reply = gateway_policy::with_deadline(
-            provider.name(),
-            provider.timeout(),
-            provider.forward(call),
-        )
-        .await?;
-        return Ok(forwarded_response(
+        Ok(provider
+            .chat(call)
+            .map(|reply| reply.map(MessagesReply::Translated))
+            .boxed())
+    })
+    .await?;
+    match reply {
+        MessagesReply::Native(reply) => Ok(forwarded_response(
             context,
             reply,
             NativeApi::AnthropicMessages,
             state.stream_drain,
-        ));
-    }
-
-    let mut chat = anthropic::from_anthropic_request(&body)?;
-    chat.model = upstream_model.to_string();
-    let call = ChatCall {
-        request: chat,
-        request_id: context.id,
-    };
-    let reply =
-        gateway_policy::with_deadline(provider.name(), provider.timeout(), provider.chat(call))
-            .await?;
-    match reply {
-        ChatReply::Complete(reply) => {
+        )),
+        MessagesReply::Translated(ChatReply::Complete(reply)) => {
             note_complete(&context, &reply);
             let body = anthropic::from_openai_response(&reply.body)?;
             Ok(json_response(StatusCode::OK, body))
         }
-        ChatReply::Stream(reply) => {
+        MessagesReply::Translated(ChatReply::Stream(reply)) => {
             context.outcome().vendor_request_id = reply.vendor_request_id;
             let encoder = AnthropicFrames(anthropic::OpenAiToAnthropic::new(
                 &head.model,
@@ -504,41 +547,51 @@ async fn openai_passthrough(
     request: Request<Incoming>,
     api: NativeApi,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    let (context, principal, snapshot) = request_parts(&request)?;
-    let body = read_body(request, state.max_body_bytes).await?;
+    let (parts, body) = request.into_parts();
+    let (context, principal, snapshot) = request_parts(&parts.extensions)?;
+    let body = read_body(&parts.headers, body, state.max_body_bytes).await?;
     let head = RequestHead::parse(&body)?;
-    let (upstream_model, provider) = resolve_route(
+    let plan = plan_route(
         &context,
         &principal,
         &snapshot,
         &head.model,
         head.stream,
         (body.len() as u64).div_ceil(4),
+        None,
+        &parts.headers,
     )?;
-    if !provider.native_apis().contains(&api) {
-        return Err(GatewayError::invalid_request(
+    let reply = walk_plan(&context, &snapshot, &plan, |attempt, provider, _last| {
+        offers(provider, api)?;
+        Ok(provider.forward(ForwardCall {
+            api,
+            model: attempt.model().to_string(),
+            body: replace_model(&body, attempt.model())?,
+            headers: http::HeaderMap::new(),
+            content_type: None,
+            beta: false,
+            stream: head.stream,
+            request_id: context.id,
+        }))
+    })
+    .await?;
+    Ok(forwarded_response(context, reply, api, state.stream_drain))
+}
+
+/// A clear 400 when the provider chosen for the alias has no such API.
+fn offers(provider: &DynProvider, api: NativeApi) -> Result<(), GatewayError> {
+    if provider.native_apis().contains(&api) {
+        Ok(())
+    } else {
+        Err(GatewayError::invalid_request(
             format!(
                 "This model is served by provider `{}`, which does not offer {}.",
                 provider.name(),
                 api.path()
             ),
             Some("model".into()),
-        ));
+        ))
     }
-    let call = ForwardCall {
-        api,
-        model: upstream_model.to_string(),
-        body: replace_model(&body, &upstream_model)?,
-        headers: http::HeaderMap::new(),
-        content_type: None,
-        beta: false,
-        stream: head.stream,
-        request_id: context.id,
-    };
-    let reply =
-        gateway_policy::with_deadline(provider.name(), provider.timeout(), provider.forward(call))
-            .await?;
-    Ok(forwarded_response(context, reply, api, state.stream_drain))
 }
 
 /// `POST /v1/audio/transcriptions`: a multipart form whose `model` field names the alias. The
@@ -547,9 +600,10 @@ async fn transcriptions(
     state: &AppState,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    let (context, principal, snapshot) = request_parts(&request)?;
-    let content_type = request
-        .headers()
+    let (parts, body) = request.into_parts();
+    let (context, principal, snapshot) = request_parts(&parts.extensions)?;
+    let content_type = parts
+        .headers
         .get(CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
         .unwrap_or_default()
@@ -560,9 +614,9 @@ async fn transcriptions(
             None,
         )
     })?;
-    let body = read_body(request, state.max_body_bytes).await?;
-    let parts = form_parts(body.clone(), &boundary).await?;
-    let model = parts
+    let body = read_body(&parts.headers, body, state.max_body_bytes).await?;
+    let form = form_parts(body, &boundary).await?;
+    let model = form
         .iter()
         .find(|part| part.name == "model" && part.filename.is_none())
         .map(|part| String::from_utf8_lossy(&part.data).trim().to_owned())
@@ -570,32 +624,31 @@ async fn transcriptions(
         .ok_or_else(|| {
             GatewayError::invalid_request("The form needs a `model` field.", Some("model".into()))
         })?;
-    let (upstream_model, provider) =
-        resolve_route(&context, &principal, &snapshot, &model, false, 0)?;
+    let plan = plan_route(
+        &context,
+        &principal,
+        &snapshot,
+        &model,
+        false,
+        0,
+        None,
+        &parts.headers,
+    )?;
     let api = NativeApi::OpenAiTranscriptions;
-    if !provider.native_apis().contains(&api) {
-        return Err(GatewayError::invalid_request(
-            format!(
-                "This model is served by provider `{}`, which does not offer {}.",
-                provider.name(),
-                api.path()
-            ),
-            Some("model".into()),
-        ));
-    }
-    let call = ForwardCall {
-        api,
-        model: upstream_model.to_string(),
-        body: encode_form(&parts, &boundary, &upstream_model),
-        headers: http::HeaderMap::new(),
-        content_type: HeaderValue::from_str(&content_type).ok(),
-        beta: false,
-        stream: false,
-        request_id: context.id,
-    };
-    let reply =
-        gateway_policy::with_deadline(provider.name(), provider.timeout(), provider.forward(call))
-            .await?;
+    let reply = walk_plan(&context, &snapshot, &plan, |attempt, provider, _last| {
+        offers(provider, api)?;
+        Ok(provider.forward(ForwardCall {
+            api,
+            model: attempt.model().to_string(),
+            body: encode_form(&form, &boundary, attempt.model()),
+            headers: http::HeaderMap::new(),
+            content_type: HeaderValue::from_str(&content_type).ok(),
+            beta: false,
+            stream: false,
+            request_id: context.id,
+        }))
+    })
+    .await?;
     Ok(forwarded_response(context, reply, api, state.stream_drain))
 }
 
@@ -662,17 +715,24 @@ fn encode_form(parts: &[FormPart], boundary: &str, model: &str) -> Bytes {
     out.freeze()
 }
 
-/// Routing for every endpoint: resolve the alias for the caller, pick a target, and note it
-/// all in the request's outcome. From here on the request is billable or auditable: it gets a
-/// usage record even if the alias turns out not to exist.
-fn resolve_route(
+/// Routing for every endpoint: the caller's plan for the alias (first choice, the alias's other
+/// usable targets, then its fallbacks), noted in the request's outcome. From here on the
+/// request is billable or auditable: it gets a usage record even if the alias turns out not to
+/// exist.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the routing inputs of one request, gathered by each endpoint from its own format"
+)]
+fn plan_route(
     context: &RequestContext,
     principal: &Principal,
     snapshot: &Snapshot,
     alias: &str,
     stream: bool,
     estimated_prompt_tokens: u64,
-) -> Result<(Arc<str>, DynProvider), GatewayError> {
+    user: Option<&str>,
+    headers: &http::HeaderMap,
+) -> Result<RoutePlan, GatewayError> {
     {
         let mut outcome = context.outcome();
         outcome.routed = true;
@@ -682,51 +742,110 @@ fn resolve_route(
     }
     // An alias the project may not use is reported exactly like a missing one, so a caller
     // cannot probe which aliases exist.
-    let route = snapshot
-        .routes
-        .resolve(alias)
-        .filter(|_| principal.may_use(alias))
+    let inputs = RouteInputs {
+        key_id: &principal.key_id,
+        user,
+        headers,
+    };
+    let plan = principal
+        .may_use(alias)
+        .then(|| snapshot.routes.plan(alias, &inputs))
+        .flatten()
         .ok_or_else(|| GatewayError::ModelNotFound {
             model: alias.to_owned(),
         })?;
-    let target = route.pick();
-    let provider = snapshot
-        .providers
-        .get(&*target.provider)
-        .ok_or_else(|| {
-            GatewayError::Internal(format!("provider `{}` is not built", target.provider))
-        })?
-        .clone();
-    let mut outcome = context.outcome();
-    outcome.alias = Some(route.alias.clone());
-    outcome.provider = Some(target.provider.clone());
-    outcome.upstream_model = Some(target.model.clone());
-    outcome.attempts = 1;
-    Ok((target.model.clone(), provider))
+    if plan.is_empty() {
+        return Err(GatewayError::UpstreamUnavailable {
+            provider: alias.to_owned(),
+            reason: "no target of this alias is usable".into(),
+        });
+    }
+    Ok(plan)
 }
 
-/// The part of every chat-shaped endpoint after parsing: routing, then the provider call under
-/// the provider's deadline (policy).
-async fn route_and_call(
+/// Tries the plan's attempts in order, each under its provider's deadline (policy), until one
+/// succeeds or fails with an error its alias does not fall back on. Every outcome is reported
+/// to routing (health, latency, canary windows). Only errors before the first byte reach this
+/// point, so moving on never repeats anything the client has seen.
+async fn walk_plan<T>(
     context: &RequestContext,
-    principal: &Principal,
     snapshot: &Snapshot,
-    mut chat: ChatCompletionRequest,
-) -> Result<ChatReply, GatewayError> {
-    let (upstream_model, provider) = resolve_route(
-        context,
-        principal,
-        snapshot,
-        &chat.model,
-        chat.is_stream(),
-        chat.estimate_prompt_tokens(),
-    )?;
-    chat.model = upstream_model.to_string();
-    let call = ChatCall {
-        request: chat,
-        request_id: context.id,
-    };
-    gateway_policy::with_deadline(provider.name(), provider.timeout(), provider.chat(call)).await
+    plan: &RoutePlan,
+    mut call: impl FnMut(
+        &Attempt,
+        &DynProvider,
+        bool,
+    ) -> Result<BoxFuture<'static, Result<T, GatewayError>>, GatewayError>,
+) -> Result<T, GatewayError> {
+    let attempts = plan.attempts();
+    for (index, attempt) in attempts.iter().enumerate() {
+        let provider = snapshot
+            .providers
+            .get(&**attempt.provider())
+            .ok_or_else(|| {
+                GatewayError::Internal(format!("provider `{}` is not built", attempt.provider()))
+            })?;
+        {
+            let mut outcome = context.outcome();
+            outcome.alias = Some(attempt.alias().clone());
+            outcome.provider = Some(attempt.provider().clone());
+            outcome.upstream_model = Some(attempt.model().clone());
+            outcome.attempts = u32::try_from(index + 1).unwrap_or(u32::MAX);
+        }
+        let last = index + 1 == attempts.len();
+        let started = std::time::Instant::now();
+        let result = match call(attempt, provider, last) {
+            Ok(future) => {
+                gateway_policy::with_deadline(provider.name(), provider.timeout(), future).await
+            }
+            Err(err) => Err(err),
+        };
+        match result {
+            Ok(reply) => {
+                let elapsed = started.elapsed();
+                snapshot.routes.report(
+                    attempt,
+                    Outcome::Success {
+                        ttft: elapsed,
+                        latency: elapsed,
+                    },
+                );
+                return Ok(reply);
+            }
+            Err(err) => {
+                let class = failure_class(&err);
+                snapshot.routes.report(attempt, Outcome::Failure { class });
+                if last || !attempt.may_continue(class) {
+                    return Err(err);
+                }
+                tracing::warn!(
+                    request_id = %context.id,
+                    alias = %attempt.alias(),
+                    provider = %attempt.provider(),
+                    error_class = class.as_str(),
+                    error = %err,
+                    "attempt failed; trying the next target"
+                );
+            }
+        }
+    }
+    Err(GatewayError::Internal("empty routing plan".into()))
+}
+
+/// The routing class of an error: what may move a request on to another target.
+fn failure_class(err: &GatewayError) -> FailureClass {
+    match err {
+        GatewayError::UpstreamUnavailable { .. } => FailureClass::Connect,
+        GatewayError::UpstreamTimeout { .. } => FailureClass::Timeout,
+        GatewayError::UpstreamStatus { status, .. } if status.as_u16() == 429 => {
+            FailureClass::RateLimit
+        }
+        GatewayError::UpstreamStatus { status, .. } if status.is_server_error() => {
+            FailureClass::ServerError
+        }
+        GatewayError::UpstreamProtocol { .. } => FailureClass::ServerError,
+        _ => FailureClass::Client,
+    }
 }
 
 /// `POST /v1/embeddings`, served by the `openai`, `azure` and `gemini` kinds.
@@ -734,27 +853,28 @@ async fn embeddings(
     state: &AppState,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    let (context, principal, snapshot) = request_parts(&request)?;
-    let body = read_body(request, state.max_body_bytes).await?;
-    let mut embeddings = EmbeddingsRequest::from_json(&body)?;
-    let (upstream_model, provider) = resolve_route(
+    let (parts, body) = request.into_parts();
+    let (context, principal, snapshot) = request_parts(&parts.extensions)?;
+    let body = read_body(&parts.headers, body, state.max_body_bytes).await?;
+    let embeddings = EmbeddingsRequest::from_json(&body)?;
+    let plan = plan_route(
         &context,
         &principal,
         &snapshot,
         &embeddings.model,
         false,
         embeddings.estimate_prompt_tokens(),
+        None,
+        &parts.headers,
     )?;
-    embeddings.model = upstream_model.to_string();
-    let call = EmbeddingsCall {
-        request: embeddings,
-        request_id: context.id,
-    };
-    let reply = gateway_policy::with_deadline(
-        provider.name(),
-        provider.timeout(),
-        provider.embeddings(call),
-    )
+    let reply = walk_plan(&context, &snapshot, &plan, |attempt, provider, _last| {
+        let mut request = embeddings.clone();
+        request.model = attempt.model().to_string();
+        Ok(provider.embeddings(EmbeddingsCall {
+            request,
+            request_id: context.id,
+        }))
+    })
     .await?;
     note_complete(&context, &reply);
     Ok(json_response(StatusCode::OK, reply.body))
