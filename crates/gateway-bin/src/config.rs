@@ -2,7 +2,7 @@
 //! cross-section checks only the composing crate can make.
 
 use gateway_access::{ProjectConfig, ServerConfig};
-use gateway_business::DatabaseConfig;
+use gateway_business::{DatabaseConfig, PriceConfig};
 use gateway_core::config::{ConfigError, deserialize_section, interpolate_env};
 use gateway_observability::ObservabilityConfig;
 use gateway_policy::PolicyConfig;
@@ -21,6 +21,7 @@ pub struct GatewayConfig {
     pub policy: PolicyConfig,
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelConfig>,
+    pub prices: Vec<PriceConfig>,
     pub projects: Vec<ProjectConfig>,
     /// Hex SHA-256 of the file's bytes: names this config version in logs.
     pub version: String,
@@ -55,7 +56,8 @@ fn format_errors(errors: &[ConfigError]) -> String {
         .join("\n")
 }
 
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
+    "prices",
     "server",
     "database",
     "observability",
@@ -114,6 +116,7 @@ impl GatewayConfig {
         let policy = table_section(&mut root, "policy", &mut errors);
         let providers = array_section(&mut root, "providers", &mut errors);
         let models = array_section(&mut root, "models", &mut errors);
+        let prices = array_section(&mut root, "prices", &mut errors);
         let projects = array_section(&mut root, "projects", &mut errors);
 
         if !errors.is_empty() {
@@ -126,6 +129,7 @@ impl GatewayConfig {
             policy: policy.unwrap_or_default(),
             providers,
             models,
+            prices,
             projects,
             version,
         })

@@ -6,9 +6,11 @@
 
 use crate::config::{ConfigLoadError, GatewayConfig};
 use gateway_access::KeyStore;
+use gateway_business::PriceTable;
 use gateway_core::config::ConfigError;
 use gateway_providers::{DynProvider, UpstreamClient, build_providers};
-use gateway_routing::RoutingTable;
+use gateway_routing::{CostLookup, RoutingTable, SystemClock};
+use rust_decimal::prelude::ToPrimitive;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -16,6 +18,8 @@ use std::sync::Arc;
 pub struct Snapshot {
     pub keys: Arc<KeyStore>,
     pub routes: RoutingTable,
+    /// The `[[prices]]` of this version (routing ranks `lowest-cost` targets by them).
+    pub prices: Arc<PriceTable>,
     pub providers: HashMap<String, DynProvider>,
     pub version: String,
 }
@@ -31,9 +35,17 @@ impl Snapshot {
             .map_err(|mut problems| errors.append(&mut problems))
             .ok();
         let names: HashSet<&str> = config.providers.iter().map(|p| p.name.as_str()).collect();
-        let routes = RoutingTable::build(&config.models, &names)
+        let prices = PriceTable::build(&config.prices)
             .map_err(|mut problems| errors.append(&mut problems))
-            .ok();
+            .unwrap_or_default();
+        let routes = RoutingTable::build_with(
+            &config.models,
+            &names,
+            &PriceCosts(&prices),
+            Arc::new(SystemClock),
+        )
+        .map_err(|mut problems| errors.append(&mut problems))
+        .ok();
         let aliases: HashSet<&str> = config.models.iter().map(|m| m.alias.as_str()).collect();
         for (index, project) in config.projects.iter().enumerate() {
             for (model_index, alias) in project.models.iter().flatten().enumerate() {
@@ -52,10 +64,24 @@ impl Snapshot {
             (Some(keys), Some(providers), Some(routes)) if errors.is_empty() => Ok(Self {
                 keys: Arc::new(keys),
                 routes,
+                prices: Arc::new(prices),
                 providers,
                 version: config.version.clone(),
             }),
             _ => Err(ConfigLoadError::Invalid(errors)),
         }
+    }
+}
+
+/// Routing's view of the price table: input plus output per million tokens, in micro-units,
+/// enough to rank targets (the billing itself stays in decimals).
+struct PriceCosts<'a>(&'a PriceTable);
+
+impl CostLookup for PriceCosts<'_> {
+    fn cost(&self, provider: &str, model: &str) -> Option<u64> {
+        let per_million = self.0.blended_per_million(provider, model)?;
+        (per_million * rust_decimal::Decimal::from(1_000_000u32))
+            .round()
+            .to_u64()
     }
 }

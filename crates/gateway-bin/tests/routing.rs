@@ -206,3 +206,50 @@ window_secs = 60
     assert_eq!(canary.stats().chat_requests, 2);
     gateway.shutdown().await;
 }
+
+#[tokio::test]
+async fn lowest_cost_follows_the_price_table() {
+    let up = MockUpstream::start().await.unwrap();
+    let providers = provider("dear", &up.base_url())
+        + &provider("cheap", &up.base_url())
+        + r#"
+[[prices]]
+provider = "dear"
+model = "big"
+input_per_million = "2.50"
+output_per_million = "10.00"
+
+[[prices]]
+provider = "cheap"
+model = "small"
+input_per_million = "0.15"
+output_per_million = "0.60"
+"#;
+    let models = r#"
+[[models]]
+alias = "thrifty"
+strategy = "lowest-cost"
+targets = [{ provider = "dear", model = "big" }, { provider = "cheap", model = "small" }]
+"#;
+    let gateway = start(models, &providers).await;
+    for _ in 0..5 {
+        let body: Value = chat(&gateway, "thrifty", &[]).await.json().await.unwrap();
+        assert_eq!(body["model"], "small");
+    }
+    gateway.shutdown().await;
+
+    // Money is never a float: a TOML number for a price is refused with its path.
+    let bad = provider("cheap", &up.base_url())
+        + "[[prices]]\nprovider = \"cheap\"\nmodel = \"small\"\ninput_per_million = 0.15\noutput_per_million = \"0.6\"\n";
+    let text = format!(
+        "{bad}\n[[models]]\nalias = \"x\"\ntargets = [{{ provider = \"cheap\", model = \"small\" }}]\n"
+    );
+    let err = GatewayConfig::parse(&text, &|_| None).unwrap_err();
+    assert!(
+        err.errors()
+            .iter()
+            .any(|e| e.starts_with("prices[0].input_per_million")),
+        "{:?}",
+        err.errors()
+    );
+}
