@@ -140,7 +140,7 @@ impl PriceTable {
         }
         for rows in by_target.values_mut() {
             // Newest first; an undated row (always in force) sorts last.
-            rows.sort_by(|a, b| b.effective_from.cmp(&a.effective_from));
+            rows.sort_by_key(|row| std::cmp::Reverse(row.effective_from));
         }
         Ok(Self { by_target })
     }
