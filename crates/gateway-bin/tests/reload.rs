@@ -408,10 +408,25 @@ async fn reloads_under_load_never_fail_or_mix_requests() {
                 full
             }
         };
+        let before = gw.gateway().reload_status();
         if i % 2 == 0 {
             gw.replace(&text);
         } else {
             gw.overwrite(&text);
+        }
+        // The debounce reads whatever the file holds ~200 ms after a burst, so at full speed
+        // which versions it sees is luck of timing. The first 40 rewrites are therefore each
+        // waited for (applied or refused) while the load flows; the other 60 come in bursts.
+        if i <= 40 {
+            let deadline = Instant::now() + Duration::from_secs(3);
+            loop {
+                let now = gw.gateway().reload_status();
+                if (now.reloads, now.failed_reloads) != (before.reloads, before.failed_reloads) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "rewrite {i} was never read");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
