@@ -295,13 +295,40 @@ async fn read_body(
     }
 }
 
+/// What every body-carrying endpoint starts from: the request's parts (headers for routing),
+/// its per-request state, and the body read within the limit.
+struct Received {
+    parts: http::request::Parts,
+    body: Bytes,
+    context: Arc<RequestContext>,
+    principal: Principal,
+    snapshot: Arc<Snapshot>,
+}
+
+async fn receive(state: &AppState, request: Request<Incoming>) -> Result<Received, GatewayError> {
+    let (parts, body) = request.into_parts();
+    let (context, principal, snapshot) = request_parts(&parts.extensions)?;
+    let body = read_body(&parts.headers, body, state.max_body_bytes).await?;
+    Ok(Received {
+        parts,
+        body,
+        context,
+        principal,
+        snapshot,
+    })
+}
+
 async fn chat_completions(
     state: &AppState,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    let (parts, body) = request.into_parts();
-    let (context, principal, snapshot) = request_parts(&parts.extensions)?;
-    let body = read_body(&parts.headers, body, state.max_body_bytes).await?;
+    let Received {
+        parts,
+        body,
+        context,
+        principal,
+        snapshot,
+    } = receive(state, request).await?;
     let chat = ChatCompletionRequest::from_json(&body)?;
     let client_wants_usage = chat.client_wants_stream_usage();
     let plan = plan_route(
@@ -354,14 +381,18 @@ async fn anthropic_messages(
     state: &AppState,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    let (parts, body) = request.into_parts();
-    let (context, principal, snapshot) = request_parts(&parts.extensions)?;
+    let Received {
+        parts,
+        body,
+        context,
+        principal,
+        snapshot,
+    } = receive(state, request).await?;
     let client_headers = anthropic_headers(&parts.headers);
     let beta = parts
         .uri
         .query()
         .is_some_and(|query| query.split('&').any(|pair| pair == "beta=true"));
-    let body = read_body(&parts.headers, body, state.max_body_bytes).await?;
     let head = RequestHead::parse(&body)?;
     // Anthropic clients read input tokens from `message_start`, before any vendor has counted
     // them: they get an estimate there, and the vendor's count in the final `message_delta`.
@@ -547,9 +578,13 @@ async fn openai_passthrough(
     request: Request<Incoming>,
     api: NativeApi,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    let (parts, body) = request.into_parts();
-    let (context, principal, snapshot) = request_parts(&parts.extensions)?;
-    let body = read_body(&parts.headers, body, state.max_body_bytes).await?;
+    let Received {
+        parts,
+        body,
+        context,
+        principal,
+        snapshot,
+    } = receive(state, request).await?;
     let head = RequestHead::parse(&body)?;
     let plan = plan_route(
         &context,
@@ -853,9 +888,13 @@ async fn embeddings(
     state: &AppState,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    let (parts, body) = request.into_parts();
-    let (context, principal, snapshot) = request_parts(&parts.extensions)?;
-    let body = read_body(&parts.headers, body, state.max_body_bytes).await?;
+    let Received {
+        parts,
+        body,
+        context,
+        principal,
+        snapshot,
+    } = receive(state, request).await?;
     let embeddings = EmbeddingsRequest::from_json(&body)?;
     let plan = plan_route(
         &context,

@@ -18,8 +18,6 @@ use std::sync::Arc;
 pub struct Snapshot {
     pub keys: Arc<KeyStore>,
     pub routes: RoutingTable,
-    /// The `[[prices]]` of this version (routing ranks `lowest-cost` targets by them).
-    pub prices: Arc<PriceTable>,
     pub providers: HashMap<String, DynProvider>,
     pub version: String,
 }
@@ -64,7 +62,6 @@ impl Snapshot {
             (Some(keys), Some(providers), Some(routes)) if errors.is_empty() => Ok(Self {
                 keys: Arc::new(keys),
                 routes,
-                prices: Arc::new(prices),
                 providers,
                 version: config.version.clone(),
             }),

@@ -54,7 +54,7 @@ impl AnthropicProvider {
     ) -> Result<Self, Vec<ConfigError>> {
         let mut errors = Vec::new();
         let endpoints = crate::http::endpoints(config, path, "/messages", &mut errors);
-        let keys = crate::http::sensitive_values(config, path, |key| key.to_owned(), &mut errors);
+        let keys = Keys::from_config(config, path, str::to_owned, &mut errors);
         let version = config
             .api_version
             .as_deref()
@@ -73,7 +73,7 @@ impl AnthropicProvider {
             inner: Arc::new(Inner {
                 name: config.name.clone(),
                 endpoints: BaseUrls::new(endpoints, config.base_url_cooldown()),
-                keys: Keys::new(keys, config.key_cooldown(), config.key_revoked_cooldown()),
+                keys,
                 version,
                 timeout: config.timeout(),
                 client: client.client.clone(),
@@ -300,17 +300,8 @@ where
             response_id = translated.iter().find_map(|e| e.response_id.clone());
         }
         let usage_known = matches!(event.event.as_str(), "message_delta" | "message_stop");
-        let mut frame = String::with_capacity(event.event.len() + event.data.len() + 16);
-        if !event.event.is_empty() {
-            frame.push_str("event: ");
-            frame.push_str(&event.event);
-            frame.push('\n');
-        }
-        frame.push_str("data: ");
-        frame.push_str(&event.data);
-        frame.push_str("\n\n");
         Ok(ForwardChunk {
-            bytes: Bytes::from(frame),
+            bytes: crate::sse::reframe(&event),
             usage: usage_known.then(|| accounting.usage()),
             response_id: response_id.clone(),
             first_output: event.event == "content_block_delta",

@@ -12,7 +12,6 @@ use crate::gemini::{
 };
 use crate::http::{
     MAX_ERROR_BYTES, MAX_RESPONSE_BYTES, endpoints, header_string, is_url_safe, read_body,
-    sensitive_values,
 };
 use crate::rotation::{BaseUrls, Keys, send};
 use crate::sse::{EventTranslator, translated_events};
@@ -59,7 +58,7 @@ impl GeminiProvider {
             .iter()
             .map(|uri| uri.to_string().trim_end_matches('/').to_owned())
             .collect();
-        let keys = sensitive_values(config, path, str::to_owned, &mut errors);
+        let keys = Keys::from_config(config, path, str::to_owned, &mut errors);
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -67,7 +66,7 @@ impl GeminiProvider {
             inner: Arc::new(Inner {
                 name: config.name.clone(),
                 bases: BaseUrls::new(bases, config.base_url_cooldown()),
-                keys: Keys::new(keys, config.key_cooldown(), config.key_revoked_cooldown()),
+                keys,
                 timeout: config.timeout(),
                 client: client.client.clone(),
             }),

@@ -9,7 +9,6 @@ use crate::client::{HyperClient, UpstreamClient};
 use crate::config::{ProviderConfig, ProviderKind};
 use crate::http::{
     MAX_ERROR_BYTES, MAX_RESPONSE_BYTES, endpoints, header_string, is_url_safe, read_body,
-    sensitive_values,
 };
 use crate::responses;
 use crate::rotation::{BaseUrls, Key, Keys, send};
@@ -94,7 +93,7 @@ impl OpenAiProvider {
             .into_iter()
             .filter_map(|base| Endpoint::new(&base))
             .collect();
-        let authorizations = sensitive_values(
+        let authorizations = Keys::from_config(
             config,
             path,
             |key| match flavour {
@@ -119,11 +118,7 @@ impl OpenAiProvider {
                     .then(|| config.extra_fields.iter().cloned().collect()),
                 flavour,
                 endpoints: BaseUrls::new(endpoints, config.base_url_cooldown()),
-                authorizations: Keys::new(
-                    authorizations,
-                    config.key_cooldown(),
-                    config.key_revoked_cooldown(),
-                ),
+                authorizations,
                 timeout: config.timeout(),
                 client: client.client.clone(),
             }),

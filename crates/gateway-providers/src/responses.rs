@@ -108,17 +108,8 @@ where
             }
             usage = summary.usage.map(Usage::from);
         }
-        let mut frame = String::with_capacity(name.len() + event.data.len() + 16);
-        if !name.is_empty() {
-            frame.push_str("event: ");
-            frame.push_str(name);
-            frame.push('\n');
-        }
-        frame.push_str("data: ");
-        frame.push_str(&event.data);
-        frame.push_str("\n\n");
         Ok(ForwardChunk {
-            bytes: Bytes::from(frame),
+            bytes: crate::sse::reframe(&event),
             usage,
             response_id: response_id.clone(),
             first_output: name == "response.output_text.delta",

@@ -233,6 +233,21 @@ pub(crate) struct Keys {
 }
 
 impl Keys {
+    /// The provider's configured keys, shaped into header values by `format`, with the
+    /// provider's cool-downs. Invalid keys are reported into `errors`.
+    pub(crate) fn from_config(
+        config: &crate::config::ProviderConfig,
+        path: &str,
+        format: impl Fn(&str) -> String,
+        errors: &mut Vec<gateway_core::config::ConfigError>,
+    ) -> Self {
+        Self::new(
+            crate::http::sensitive_values(config, path, format, errors),
+            config.key_cooldown(),
+            config.key_revoked_cooldown(),
+        )
+    }
+
     pub(crate) fn new(
         values: Vec<HeaderValue>,
         exhausted_cooldown: Duration,

@@ -44,6 +44,21 @@ where
     })
 }
 
+/// An SSE event written back out as its vendor sent it (`event:` line when named, `data:`),
+/// for streams forwarded to a client of the vendor's own format.
+pub(crate) fn reframe(event: &eventsource_stream::Event) -> Bytes {
+    let mut frame = String::with_capacity(event.event.len() + event.data.len() + 16);
+    if !event.event.is_empty() {
+        frame.push_str("event: ");
+        frame.push_str(&event.event);
+        frame.push('\n');
+    }
+    frame.push_str("data: ");
+    frame.push_str(&event.data);
+    frame.push_str("\n\n");
+    Bytes::from(frame)
+}
+
 /// A vendor's stream translator: SSE events in, OpenAI events out.
 pub(crate) trait EventTranslator: Send + 'static {
     /// One SSE event (its `event:` name, empty when absent, and its `data:`).
