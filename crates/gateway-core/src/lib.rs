@@ -8,6 +8,7 @@
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod limits;
 pub mod openai;
 pub mod provider;
 
@@ -16,3 +17,4 @@ pub use context::{
     RequestOutcome,
 };
 pub use error::{ErrorType, GatewayError};
+pub use limits::RateLimit;

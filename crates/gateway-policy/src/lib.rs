@@ -1,12 +1,27 @@
-//! Policy layer: what limits an upstream call.
+//! Policy layer: what limits a request and its upstream calls.
 //!
-//! Owns the `[policy]` config section. For now this is the per-provider deadline: a call that has not answered in time is dropped
-//! (which cancels the upstream request) and becomes a 504. Rate limits, circuit breakers and
-//! retries build on the same place. Time comes from tokio, so tests run with paused time.
+//! Owns the `[policy]` config section and, as separate modules:
+//! - [`limits`]: request and token rate limits per project, key and alias, in process or
+//!   shared across replicas through Redis;
+//! - [`breaker`]: a circuit breaker per upstream;
+//! - [`retry`]: which errors are retried, the back-off between attempts and the retry budget;
+//! - [`idempotency`]: `Idempotency-Key` replay, in process or through Redis;
+//! - [`shed`]: caps on in-flight requests;
+//! - deadlines ([`with_deadline`]): a call that has not answered in time is dropped (which
+//!   cancels the upstream request) and becomes a 504.
+//!
+//! Time comes from tokio, so the tests run with paused time.
 
+pub mod breaker;
 mod config;
+pub mod idempotency;
+pub mod limits;
+mod redis_link;
+pub mod retry;
+pub mod shed;
 
 pub use config::PolicyConfig;
+pub use redis_link::{RedisLink, RedisUnavailable};
 
 use gateway_core::GatewayError;
 use std::future::Future;
@@ -30,7 +45,6 @@ where
         }),
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
