@@ -90,9 +90,11 @@ mod tests {
                 api_keys: vec![ApiKeyConfig {
                     id: "k".into(),
                     sha256: hash_key("sk-good"),
+                    rate_limit: None,
                 }],
                 models: None,
                 tags: Default::default(),
+                rate_limit: None,
             }])
             .unwrap(),
         )

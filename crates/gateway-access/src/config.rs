@@ -1,5 +1,6 @@
 //! The `[server]` and `[[projects]]` config sections.
 
+use gateway_core::RateLimit;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -43,6 +44,10 @@ pub struct ProjectConfig {
     /// Labels copied to every usage record of the project (team, business line, ...).
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
+    /// `[projects.rate_limit]`: requests and tokens per minute for the whole project (every
+    /// key together). Default: none.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -52,4 +57,8 @@ pub struct ApiKeyConfig {
     pub id: String,
     /// Lower- or upper-case hex SHA-256 of the secret key.
     pub sha256: String,
+    /// `[projects.api_keys.rate_limit]`: a limit for this key alone, on top of the
+    /// project's. Default: none.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
 }

@@ -105,6 +105,8 @@ impl KeyStore {
                     allowed_models: allowed_models.clone(),
                     tags: tags.clone(),
                     tags_json: tags_json.clone(),
+                    project_rate_limit: project.rate_limit,
+                    key_rate_limit: key.rate_limit,
                 };
                 if by_digest
                     .insert(KeyDigestDebug(KeyDigest(digest)), principal)
@@ -196,10 +198,12 @@ mod tests {
                 .map(|(id, secret)| ApiKeyConfig {
                     id: (*id).into(),
                     sha256: hash_key(secret),
+                    rate_limit: None,
                 })
                 .collect(),
             models: models.map(|m| m.iter().map(|s| (*s).to_string()).collect()),
             tags: BTreeMap::from([("team".into(), "platform".into())]),
+            rate_limit: None,
         }
     }
 
@@ -280,6 +284,7 @@ mod tests {
         bad.api_keys.push(ApiKeyConfig {
             id: "short".into(),
             sha256: "abcd".into(),
+            rate_limit: None,
         });
         let errors = KeyStore::build(&[bad, project("a", &[("z", "s1")], None)]).unwrap_err();
         let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();

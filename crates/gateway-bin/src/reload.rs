@@ -139,7 +139,7 @@ impl Reloader {
             server: self.live.server.clone(),
             database: self.live.database.clone(),
             observability: self.live.observability.clone(),
-            policy: self.live.policy.clone(),
+            policy: new.policy.clone().keeping_frozen(&self.live.policy),
             ..new
         };
         let snapshot = match Snapshot::build(&effective, &self.client) {
@@ -268,7 +268,7 @@ fn load_errors(err: ConfigLoadError) -> Vec<ConfigError> {
 
 /// The settings of `new` that differ from the running ones but are fixed at start: the
 /// listeners are bound, the usage writer and the logger are running, and the body limit, the
-/// grace period and the drain limit live in `AppState`, outside the snapshot.
+/// grace period live in `AppState`, outside the snapshot; `[policy]` names its own.
 fn frozen_changes(live: &GatewayConfig, new: &GatewayConfig) -> Vec<String> {
     let (old_server, new_server) = (&live.server, &new.server);
     let (old_db, new_db) = (&live.database, &new.database);
@@ -325,10 +325,6 @@ fn frozen_changes(live: &GatewayConfig, new: &GatewayConfig) -> Vec<String> {
             old_obs.log_flush_interval_ms != new_obs.log_flush_interval_ms,
         ),
     ];
-    let policy = [(
-        "policy.stream_drain_secs",
-        live.policy.stream_drain_secs != new.policy.stream_drain_secs,
-    )];
     let mut changed = Vec::new();
     // A key added to a section after this list was written still differs as a whole section,
     // so it is refused by the section's name instead of silently ignored.
@@ -336,7 +332,6 @@ fn frozen_changes(live: &GatewayConfig, new: &GatewayConfig) -> Vec<String> {
         ("server", &server[..], old_server != new_server),
         ("database", &database[..], old_db != new_db),
         ("observability", &observability[..], old_obs != new_obs),
-        ("policy", &policy[..], live.policy != new.policy),
     ] {
         let before = changed.len();
         changed.extend(
@@ -348,6 +343,12 @@ fn frozen_changes(live: &GatewayConfig, new: &GatewayConfig) -> Vec<String> {
             changed.push(section.to_owned());
         }
     }
+    changed.extend(
+        live.policy
+            .frozen_changes(&new.policy)
+            .into_iter()
+            .map(str::to_owned),
+    );
     changed
 }
 
@@ -620,6 +621,7 @@ mod tests {
         new.server.listen = "127.0.0.1:1".parse().unwrap_or(new.server.listen);
         new.database.batch_size += 1;
         new.observability.access_log = !new.observability.access_log;
+        new.policy.timeouts.connect_ms += 1;
         new.policy.stream_drain_secs += 1;
         assert_eq!(
             frozen_changes(&live, &new),
@@ -627,7 +629,7 @@ mod tests {
                 "server.listen",
                 "database.batch_size",
                 "observability.access_log",
-                "policy.stream_drain_secs"
+                "policy.timeouts.connect_ms"
             ]
         );
         assert!(frozen_changes(&live, &live).is_empty());

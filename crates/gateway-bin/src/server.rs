@@ -71,7 +71,7 @@ impl RunningGateway {
     }
 
     async fn launch(config: GatewayConfig, path: Option<PathBuf>) -> anyhow::Result<Self> {
-        let client = UpstreamClient::new(Duration::from_secs(10))
+        let client = UpstreamClient::new(config.policy.timeouts.connect())
             .context("building the upstream HTTP client")?;
         let snapshot = Snapshot::build(&config, &client)?;
         let listener = TcpListener::bind(config.server.listen)
@@ -102,7 +102,6 @@ impl RunningGateway {
             snapshot: ArcSwap::from_pointee(snapshot),
             ready: false.into(),
             max_body_bytes: config.server.max_body_bytes,
-            stream_drain: Duration::from_secs(config.policy.stream_drain_secs),
         });
         let reload_status = Arc::new(ArcSwap::from_pointee(ReloadStatus::new(&config.version)));
         let (stop, stopped) = watch::channel(false);

@@ -53,8 +53,6 @@ pub struct AppState {
     pub snapshot: ArcSwap<Snapshot>,
     pub ready: AtomicBool,
     pub max_body_bytes: usize,
-    /// How long an abandoned stream is still read for its usage (`[policy]`).
-    pub stream_drain: Duration,
 }
 
 /// Builds the whole stack, outermost first (see the module docs for why in this order).
@@ -121,7 +119,10 @@ where
                     if let Some(retry_after) = err.retry_after() {
                         response
                             .headers_mut()
-                            .insert(http::header::RETRY_AFTER, retry_after.clone());
+                            .insert(http::header::RETRY_AFTER, retry_after);
+                    }
+                    if let Some(extra) = err.extra_headers() {
+                        response.headers_mut().extend(extra.clone());
                     }
                     Ok(response)
                 }
@@ -361,7 +362,8 @@ async fn chat_completions(
         ChatReply::Stream(reply) => {
             context.outcome().vendor_request_id = reply.vendor_request_id;
             let encoder = OpenAiFrames { client_wants_usage };
-            let frames = SseFrames::new(reply.events, encoder, context, state.stream_drain);
+            let limits = StreamLimits::of(&snapshot);
+            let frames = SseFrames::new(reply.events, encoder, context, limits);
             Ok(sse_response(UnsyncBoxBody::new(StreamBody::new(frames))))
         }
     }
@@ -451,7 +453,7 @@ async fn anthropic_messages(
             context,
             reply,
             NativeApi::AnthropicMessages,
-            state.stream_drain,
+            StreamLimits::of(&snapshot),
         )),
         MessagesReply::Translated(ChatReply::Complete(reply)) => {
             note_complete(&context, &reply);
@@ -464,7 +466,8 @@ async fn anthropic_messages(
                 &head.model,
                 estimated_input_tokens,
             ));
-            let frames = SseFrames::new(reply.events, encoder, context, state.stream_drain);
+            let limits = StreamLimits::of(&snapshot);
+            let frames = SseFrames::new(reply.events, encoder, context, limits);
             Ok(sse_response(UnsyncBoxBody::new(StreamBody::new(frames))))
         }
     }
@@ -530,7 +533,7 @@ fn forwarded_response(
     context: Arc<RequestContext>,
     reply: ForwardReply,
     api: NativeApi,
-    drain: Duration,
+    limits: StreamLimits,
 ) -> Response<ResponseBody> {
     let status = reply.status;
     let content_type = reply.content_type;
@@ -555,7 +558,7 @@ fn forwarded_response(
             response
         }
         ForwardBody::Stream(chunks) => {
-            let frames = SseFrames::new(chunks, Relay(api), context, drain);
+            let frames = SseFrames::new(chunks, Relay(api), context, limits);
             sse_response(UnsyncBoxBody::new(StreamBody::new(frames)))
         }
     };
@@ -610,7 +613,12 @@ async fn openai_passthrough(
         }))
     })
     .await?;
-    Ok(forwarded_response(context, reply, api, state.stream_drain))
+    Ok(forwarded_response(
+        context,
+        reply,
+        api,
+        StreamLimits::of(&snapshot),
+    ))
 }
 
 /// A clear 400 when the provider chosen for the alias has no such API.
@@ -684,7 +692,12 @@ async fn transcriptions(
         }))
     })
     .await?;
-    Ok(forwarded_response(context, reply, api, state.stream_drain))
+    Ok(forwarded_response(
+        context,
+        reply,
+        api,
+        StreamLimits::of(&snapshot),
+    ))
 }
 
 /// One part of a multipart form, as received.
@@ -781,6 +794,7 @@ fn plan_route(
         key_id: &principal.key_id,
         user,
         headers,
+        open_circuits: None,
     };
     let plan = principal
         .may_use(alias)
@@ -1083,7 +1097,29 @@ struct SseFrames<I: StreamItem, E> {
     pending: std::collections::VecDeque<Bytes>,
     /// `[DONE]`, an error, or the end of the upstream body was reached.
     ended: bool,
+    limits: StreamLimits,
+    /// Fires at the idle gap or the total deadline, whichever is first; re-armed per item.
+    timer: Pin<Box<tokio::time::Sleep>>,
+    total_deadline: Option<tokio::time::Instant>,
+}
+
+/// The `[policy]` limits on one stream.
+#[derive(Debug, Clone, Copy)]
+struct StreamLimits {
     drain: Duration,
+    idle: Duration,
+    total: Option<Duration>,
+}
+
+impl StreamLimits {
+    fn of(snapshot: &Snapshot) -> Self {
+        let policy = &snapshot.policy;
+        Self {
+            drain: Duration::from_secs(policy.stream_drain_secs),
+            idle: policy.timeouts.stream_idle(),
+            total: policy.timeouts.total(),
+        }
+    }
 }
 
 impl<I: StreamItem, E: FrameEncoder<I>> SseFrames<I, E> {
@@ -1091,24 +1127,65 @@ impl<I: StreamItem, E: FrameEncoder<I>> SseFrames<I, E> {
         events: BoxStream<'static, Result<I, GatewayError>>,
         encoder: E,
         context: Arc<RequestContext>,
-        drain: Duration,
+        limits: StreamLimits,
     ) -> Self {
+        let total_deadline = limits
+            .total
+            .map(|total| tokio::time::Instant::from_std(context.started) + total);
+        let first = next_deadline(limits.idle, total_deadline);
         Self {
             events: Some(events),
             encoder,
             context,
             pending: std::collections::VecDeque::new(),
             ended: false,
-            drain,
+            limits,
+            timer: Box::pin(tokio::time::sleep_until(first)),
+            total_deadline,
         }
     }
 
     fn fail(&mut self, error: &GatewayError) {
-        self.context.outcome().error_type = Some(ErrorType::UpstreamStreamError);
+        self.context.outcome().error_type = Some(error.error_type_in_stream());
         tracing::warn!(request_id = %self.context.id, error = %error, "upstream stream failed");
         self.pending.push_back(self.encoder.error(error));
         self.ended = true;
     }
+
+    /// The idle gap or the total deadline passed: the client gets an error event, and the
+    /// upstream request is dropped (closing its connection) rather than drained.
+    fn time_out(&mut self) {
+        let provider = self
+            .context
+            .outcome()
+            .provider
+            .as_deref()
+            .unwrap_or("upstream")
+            .to_owned();
+        let error = match (self.total_deadline, self.limits.total) {
+            (Some(deadline), Some(total)) if tokio::time::Instant::now() >= deadline => {
+                GatewayError::UpstreamTimeout {
+                    provider,
+                    after: total,
+                }
+            }
+            _ => GatewayError::UpstreamStalled {
+                provider,
+                idle: self.limits.idle,
+            },
+        };
+        self.fail(&error);
+        self.events = None;
+    }
+}
+
+/// The earlier of the idle gap from now and the total deadline.
+fn next_deadline(
+    idle: Duration,
+    total_deadline: Option<tokio::time::Instant>,
+) -> tokio::time::Instant {
+    let idle_deadline = tokio::time::Instant::now() + idle;
+    total_deadline.map_or(idle_deadline, |total| total.min(idle_deadline))
 }
 
 impl<I: StreamItem, E: FrameEncoder<I>> Stream for SseFrames<I, E> {
@@ -1127,17 +1204,23 @@ impl<I: StreamItem, E: FrameEncoder<I>> Stream for SseFrames<I, E> {
             let Some(events) = this.events.as_mut() else {
                 return Poll::Ready(None);
             };
-            match std::task::ready!(events.poll_next_unpin(cx)) {
-                Some(Ok(item)) => {
+            match events.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(item))) => {
                     item.note(&this.context);
                     this.ended = item.is_last();
                     match this.encoder.encode(&item) {
                         Ok(frames) => this.pending.extend(frames),
                         Err(err) => this.fail(&err),
                     }
+                    let deadline = next_deadline(this.limits.idle, this.total_deadline);
+                    this.timer.as_mut().reset(deadline);
                 }
-                Some(Err(err)) => this.fail(&err),
-                None => this.ended = true,
+                Poll::Ready(Some(Err(err))) => this.fail(&err),
+                Poll::Ready(None) => this.ended = true,
+                Poll::Pending => {
+                    std::task::ready!(this.timer.as_mut().poll(cx));
+                    this.time_out();
+                }
             }
         }
     }
@@ -1145,7 +1228,7 @@ impl<I: StreamItem, E: FrameEncoder<I>> Stream for SseFrames<I, E> {
 
 impl<I: StreamItem, E> Drop for SseFrames<I, E> {
     fn drop(&mut self) {
-        if self.ended || self.drain.is_zero() {
+        if self.ended || self.limits.drain.is_zero() {
             return;
         }
         let Some(events) = self.events.take() else {
@@ -1155,7 +1238,12 @@ impl<I: StreamItem, E> Drop for SseFrames<I, E> {
             return;
         };
         let hold = self.context.hold_finish();
-        runtime.spawn(drain_stream(events, self.context.clone(), hold, self.drain));
+        runtime.spawn(drain_stream(
+            events,
+            self.context.clone(),
+            hold,
+            self.limits.drain,
+        ));
     }
 }
 

@@ -8,6 +8,7 @@ use crate::config::{ConfigLoadError, GatewayConfig};
 use gateway_access::KeyStore;
 use gateway_business::PriceTable;
 use gateway_core::config::ConfigError;
+use gateway_policy::PolicyConfig;
 use gateway_providers::{DynProvider, UpstreamClient, build_providers};
 use gateway_routing::{CostLookup, RoutingTable, SystemClock};
 use rust_decimal::prelude::ToPrimitive;
@@ -19,6 +20,9 @@ pub struct Snapshot {
     pub keys: Arc<KeyStore>,
     pub routes: RoutingTable,
     pub providers: HashMap<String, DynProvider>,
+    /// `[policy]` of this version: limits, retries, timeouts (a reload changes them for the
+    /// requests that arrive after it).
+    pub policy: PolicyConfig,
     pub version: String,
 }
 
@@ -63,6 +67,7 @@ impl Snapshot {
                 keys: Arc::new(keys),
                 routes,
                 providers,
+                policy: config.policy.clone(),
                 version: config.version.clone(),
             }),
             _ => Err(ConfigLoadError::Invalid(errors)),

@@ -60,6 +60,10 @@ pub struct Principal {
     pub tags: Arc<BTreeMap<String, String>>,
     /// `tags` as a JSON object, serialised once per config version rather than per request.
     pub tags_json: Arc<str>,
+    /// The project's `rate_limit`, shared by all its keys.
+    pub project_rate_limit: Option<crate::RateLimit>,
+    /// This key's own `rate_limit`.
+    pub key_rate_limit: Option<crate::RateLimit>,
 }
 
 impl Principal {
@@ -153,6 +157,21 @@ pub struct RequestContext {
     pub path: String,
     outcome: Mutex<RequestOutcome>,
     gate: Mutex<FinishGate>,
+    hooks: FinishHooks,
+}
+
+/// Per-request work to run when the request is finished, before the observers: settling a
+/// rate-limit reservation, freeing an in-flight slot, storing an idempotent result.
+pub type FinishHook = Box<dyn FnOnce(&FinishedRequest<'_>) + Send>;
+
+#[derive(Default)]
+struct FinishHooks(Mutex<Vec<FinishHook>>);
+
+impl std::fmt::Debug for FinishHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let count = self.0.lock().map_or(0, |hooks| hooks.len());
+        write!(f, "FinishHooks({count})")
+    }
 }
 
 impl RequestContext {
@@ -165,6 +184,7 @@ impl RequestContext {
             path,
             outcome: Mutex::new(RequestOutcome::default()),
             gate: Mutex::new(FinishGate::Open),
+            hooks: FinishHooks::default(),
         }
     }
 
@@ -204,6 +224,27 @@ impl RequestContext {
 
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// Registers `hook` to run once when the request is finished (after any drain), whatever
+    /// its outcome, before the observers.
+    pub fn on_finish(&self, hook: impl FnOnce(&FinishedRequest<'_>) + Send + 'static) {
+        self.hooks
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Box::new(hook));
+    }
+
+    /// The hooks registered so far, for the finisher to run; each runs at most once.
+    pub fn take_finish_hooks(&self) -> Vec<FinishHook> {
+        std::mem::take(
+            &mut *self
+                .hooks
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 }
 
@@ -300,6 +341,8 @@ mod tests {
             allowed_models: None,
             tags: Arc::default(),
             tags_json: "{}".into(),
+            project_rate_limit: None,
+            key_rate_limit: None,
         };
         assert!(principal.may_use("anything"));
         principal.allowed_models = Some(Arc::new(HashSet::from(["chat".to_string()])));

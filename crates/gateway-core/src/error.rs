@@ -26,6 +26,10 @@ pub enum ErrorType {
     UpstreamStreamError,
     ClientAborted,
     Unavailable,
+    RateLimited,
+    Overloaded,
+    CircuitOpen,
+    IdempotencyConflict,
     Internal,
 }
 
@@ -45,6 +49,10 @@ impl ErrorType {
             Self::UpstreamStreamError => "upstream_stream_error",
             Self::ClientAborted => "client_aborted",
             Self::Unavailable => "unavailable",
+            Self::RateLimited => "rate_limited",
+            Self::Overloaded => "overloaded",
+            Self::CircuitOpen => "circuit_open",
+            Self::IdempotencyConflict => "idempotency_conflict",
             Self::Internal => "internal",
         }
     }
@@ -83,6 +91,10 @@ pub enum GatewayError {
     #[error("Provider `{provider}` did not answer within {}s.", .after.as_secs_f64())]
     UpstreamTimeout { provider: String, after: Duration },
 
+    /// A stream went silent mid-way for longer than `[policy.timeouts] stream_idle_secs`.
+    #[error("Provider `{provider}` sent nothing for {}s in the middle of the stream.", .idle.as_secs_f64())]
+    UpstreamStalled { provider: String, idle: Duration },
+
     #[error("Provider `{provider}` is unreachable: {reason}")]
     UpstreamUnavailable { provider: String, reason: String },
 
@@ -102,6 +114,46 @@ pub enum GatewayError {
 
     #[error("The gateway is shutting down.")]
     ShuttingDown,
+
+    /// A rate limit of the gateway (not the vendor's) refused the request. `dimension` is
+    /// OpenAI's error `type` for it: `requests` or `tokens`.
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        dimension: &'static str,
+        retry_after: Duration,
+        /// The `x-ratelimit-*` headers of the limit that refused.
+        headers: Box<http::HeaderMap>,
+    },
+
+    /// Load shedding: too many requests in flight, globally or for one project.
+    #[error("The gateway is overloaded ({scope}); retry shortly.")]
+    Overloaded {
+        scope: String,
+        retry_after: Duration,
+    },
+
+    /// A store the policy layer needs (the shared rate limiter or idempotency store) is
+    /// unreachable and its configured failure mode is to refuse.
+    #[error("{what} is unavailable; retry shortly.")]
+    PolicyUnavailable {
+        what: &'static str,
+        retry_after: Duration,
+    },
+
+    /// Every target's circuit breaker is open: failing fast instead of waiting on a vendor
+    /// known to be failing.
+    #[error("Provider `{provider}` is failing; its circuit breaker is open.")]
+    CircuitOpen {
+        provider: String,
+        retry_after: Duration,
+    },
+
+    #[error("This Idempotency-Key was already used with a different request body.")]
+    IdempotencyConflict,
+
+    #[error("A request with this Idempotency-Key is still in progress; retry shortly.")]
+    IdempotencyInFlight { retry_after: Duration },
 
     #[error("Internal error: {0}")]
     Internal(String),
@@ -138,9 +190,37 @@ impl GatewayError {
         self
     }
 
-    pub fn retry_after(&self) -> Option<&http::HeaderValue> {
+    /// The error type to record when this error ends a stream that had started: a timeout
+    /// stays a timeout, anything else is a stream error.
+    pub fn error_type_in_stream(&self) -> ErrorType {
+        match self.error_type() {
+            ErrorType::UpstreamTimeout => ErrorType::UpstreamTimeout,
+            _ => ErrorType::UpstreamStreamError,
+        }
+    }
+
+    /// The `Retry-After` header the client should get with this error.
+    pub fn retry_after(&self) -> Option<http::HeaderValue> {
+        let seconds = |after: &Duration| {
+            // Whole seconds, rounded up: a client that waits exactly this long must get in.
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            http::HeaderValue::from(secs.max(1))
+        };
         match self {
-            Self::UpstreamStatus { retry_after, .. } => retry_after.as_ref(),
+            Self::UpstreamStatus { retry_after, .. } => retry_after.clone(),
+            Self::RateLimited { retry_after, .. }
+            | Self::Overloaded { retry_after, .. }
+            | Self::PolicyUnavailable { retry_after, .. }
+            | Self::CircuitOpen { retry_after, .. }
+            | Self::IdempotencyInFlight { retry_after } => Some(seconds(retry_after)),
+            _ => None,
+        }
+    }
+
+    /// Headers besides `Retry-After` that belong on this error's response.
+    pub fn extra_headers(&self) -> Option<&http::HeaderMap> {
+        match self {
+            Self::RateLimited { headers, .. } => Some(headers),
             _ => None,
         }
     }
@@ -152,12 +232,20 @@ impl GatewayError {
             Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::UpstreamTimeout { .. } | Self::UpstreamStalled { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             Self::UpstreamUnavailable { .. } | Self::UpstreamProtocol { .. } => {
                 StatusCode::BAD_GATEWAY
             }
             Self::UpstreamStatus { status, .. } => *status,
-            Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ShuttingDown
+            | Self::Overloaded { .. }
+            | Self::PolicyUnavailable { .. }
+            | Self::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::IdempotencyConflict => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::IdempotencyInFlight { .. } => StatusCode::CONFLICT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -170,10 +258,18 @@ impl GatewayError {
             Self::PayloadTooLarge { .. } => ErrorType::PayloadTooLarge,
             Self::RouteNotFound { .. } => ErrorType::NotFound,
             Self::MethodNotAllowed { .. } => ErrorType::MethodNotAllowed,
-            Self::UpstreamTimeout { .. } => ErrorType::UpstreamTimeout,
+            Self::UpstreamTimeout { .. } | Self::UpstreamStalled { .. } => {
+                ErrorType::UpstreamTimeout
+            }
             Self::UpstreamUnavailable { .. } => ErrorType::UpstreamUnavailable,
             Self::UpstreamStatus { .. } | Self::UpstreamProtocol { .. } => ErrorType::UpstreamError,
-            Self::ShuttingDown => ErrorType::Unavailable,
+            Self::ShuttingDown | Self::PolicyUnavailable { .. } => ErrorType::Unavailable,
+            Self::RateLimited { .. } => ErrorType::RateLimited,
+            Self::Overloaded { .. } => ErrorType::Overloaded,
+            Self::CircuitOpen { .. } => ErrorType::CircuitOpen,
+            Self::IdempotencyConflict | Self::IdempotencyInFlight { .. } => {
+                ErrorType::IdempotencyConflict
+            }
             Self::Internal(_) => ErrorType::Internal,
         }
     }
@@ -186,8 +282,13 @@ impl GatewayError {
             | Self::InvalidRequest { .. }
             | Self::PayloadTooLarge { .. }
             | Self::RouteNotFound { .. }
-            | Self::MethodNotAllowed { .. } => "invalid_request_error",
-            Self::UpstreamTimeout { .. } => "timeout_error",
+            | Self::MethodNotAllowed { .. }
+            | Self::IdempotencyConflict
+            | Self::IdempotencyInFlight { .. } => "invalid_request_error",
+            Self::RateLimited { dimension, .. } => dimension,
+            Self::Overloaded { .. } | Self::PolicyUnavailable { .. } => "service_unavailable",
+            Self::CircuitOpen { .. } => "upstream_error",
+            Self::UpstreamTimeout { .. } | Self::UpstreamStalled { .. } => "timeout_error",
             Self::UpstreamUnavailable { .. }
             | Self::UpstreamStatus { .. }
             | Self::UpstreamProtocol { .. } => "upstream_error",
@@ -206,10 +307,17 @@ impl GatewayError {
             Self::RouteNotFound { .. } => "unknown_url",
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::UpstreamTimeout { .. } => "upstream_timeout",
+            Self::UpstreamStalled { .. } => "upstream_stream_idle",
             Self::UpstreamUnavailable { .. } => "upstream_unavailable",
             Self::UpstreamStatus { .. } => "upstream_error",
             Self::UpstreamProtocol { .. } => "upstream_invalid_response",
             Self::ShuttingDown => "shutting_down",
+            Self::RateLimited { .. } => "rate_limit_exceeded",
+            Self::Overloaded { .. } => "overloaded",
+            Self::PolicyUnavailable { .. } => "service_unavailable",
+            Self::CircuitOpen { .. } => "circuit_open",
+            Self::IdempotencyConflict => "idempotency_key_reused",
+            Self::IdempotencyInFlight { .. } => "idempotency_key_in_flight",
             Self::Internal(_) => "internal_error",
         })
     }

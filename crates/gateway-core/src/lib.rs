@@ -13,8 +13,9 @@ pub mod openai;
 pub mod provider;
 
 pub use context::{
-    FinishHold, FinishedRequest, Principal, RequestContext, RequestId, RequestObserver,
+    FinishHold, FinishHook, FinishedRequest, Principal, RequestContext, RequestId, RequestObserver,
     RequestOutcome,
 };
 pub use error::{ErrorType, GatewayError};
 pub use limits::RateLimit;
+pub use provider::UpstreamHealth;

@@ -220,3 +220,10 @@ impl std::fmt::Debug for dyn ChatProvider {
         write!(f, "ChatProvider({})", self.name())
     }
 }
+
+/// What the policy layer tells routing about upstream health: an upstream whose circuit
+/// breaker is open should be tried last, if at all.
+pub trait UpstreamHealth: Send + Sync + std::fmt::Debug {
+    /// True while the breaker of this provider is open and not yet due for a probe.
+    fn is_open(&self, provider: &str) -> bool;
+}

@@ -162,6 +162,9 @@ impl Finisher {
                 elapsed,
                 client_aborted,
             };
+            for hook in context.take_finish_hooks() {
+                hook(&finished);
+            }
             for observer in observers.iter() {
                 observer.request_finished(&finished);
             }

@@ -72,6 +72,7 @@ fn plan(c: &mut Criterion) {
         key_id: "key-0123456789",
         user: Some("user-42"),
         headers: &headers,
+        open_circuits: None,
     };
     let mut next = 0usize;
     c.bench_function("plan_random_alias_of_1000", |b| {

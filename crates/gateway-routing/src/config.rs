@@ -32,6 +32,11 @@ pub struct ModelConfig {
     /// [`CanaryConfig`] defaults.
     #[serde(default)]
     pub canary: Option<CanaryConfig>,
+    /// `[models.rate_limit]`: requests and tokens per minute for this alias, all callers
+    /// together (a vendor quota shared by every project). Checked for the alias the client
+    /// named. Default: none.
+    #[serde(default)]
+    pub rate_limit: Option<gateway_core::RateLimit>,
 }
 
 impl Default for ModelConfig {
@@ -45,6 +50,7 @@ impl Default for ModelConfig {
             fallbacks: Vec::new(),
             fallback_on: default_fallback_on(),
             canary: None,
+            rate_limit: None,
         }
     }
 }

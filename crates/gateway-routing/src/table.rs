@@ -36,6 +36,9 @@ pub struct RouteInputs<'a> {
     pub key_id: &'a str,
     pub user: Option<&'a str>,
     pub headers: &'a HeaderMap,
+    /// The policy layer's circuit breakers: a target whose upstream's breaker is open is
+    /// treated like an unhealthy one (tried last, after every usable target).
+    pub open_circuits: Option<&'a dyn gateway_core::UpstreamHealth>,
 }
 
 impl<'a> RouteInputs<'a> {
@@ -283,10 +286,16 @@ pub struct Route {
     /// A non-canary target with a positive weight (validation guarantees one), the answer of
     /// [`Route::pick`] when nothing else is usable.
     primary: Arc<Target>,
+    rate_limit: Option<gateway_core::RateLimit>,
     shared: Arc<Shared>,
 }
 
 impl Route {
+    /// The alias's own `rate_limit`, shared by every caller.
+    pub fn rate_limit(&self) -> Option<gateway_core::RateLimit> {
+        self.rate_limit
+    }
+
     pub fn strategy(&self) -> Strategy {
         self.strategy
     }
@@ -327,10 +336,16 @@ impl Route {
             {
                 continue;
             }
-            let (unhealthy, failed_at) = match target.upstream.health(|| now.get()) {
+            let (mut unhealthy, failed_at) = match target.upstream.health(|| now.get()) {
                 Health::Healthy => (0, 0),
                 Health::Unhealthy(at) => (1, at),
             };
+            if inputs
+                .and_then(|inputs| inputs.open_circuits)
+                .is_some_and(|circuits| circuits.is_open(&target.provider))
+            {
+                unhealthy = 1;
+            }
             let metric = match self.strategy {
                 Strategy::Weighted => u64::from(u32::MAX - target.weight),
                 Strategy::Priority => failed_at,
@@ -511,6 +526,7 @@ impl RoutingTable {
                 chain: fallback_chain(index, &graph),
                 capacity: 0,
                 primary,
+                rate_limit: model.rate_limit.filter(|limit| !limit.is_unlimited()),
                 shared: shared.clone(),
             });
         }

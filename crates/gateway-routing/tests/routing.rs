@@ -47,6 +47,7 @@ fn order(table: &RoutingTable, alias: &str, key: &str, headers: &HeaderMap) -> V
         key_id: key,
         user: None,
         headers,
+        open_circuits: None,
     };
     table
         .plan(alias, &inputs)
@@ -66,6 +67,7 @@ fn fail(table: &RoutingTable, alias: &str, provider: &str, class: FailureClass, 
         key_id: "",
         user: None,
         headers: &headers,
+        open_circuits: None,
     };
     for _ in 0..times {
         let plan = table.plan(alias, &inputs).unwrap();
@@ -84,6 +86,7 @@ fn succeed(table: &RoutingTable, alias: &str, provider: &str, ttft_ms: u64, time
         key_id: "",
         user: None,
         headers: &headers,
+        open_circuits: None,
     };
     for _ in 0..times {
         let plan = table.plan(alias, &inputs).unwrap();
@@ -200,6 +203,7 @@ fn sticky_header_and_user_fall_back_to_random_when_absent() {
         key_id: "same-key",
         user,
         headers: &empty,
+        open_circuits: None,
     };
     let plan_first = |user| {
         table
@@ -257,6 +261,7 @@ fn priority_follows_config_order_and_skips_unhealthy() {
         key_id: "k",
         user: None,
         headers: &headers,
+        open_circuits: None,
     };
     let probe = table.plan("chat", &inputs).unwrap();
     assert_eq!(&**probe.first().unwrap().provider(), "a");
@@ -309,6 +314,7 @@ fn all_unhealthy_priority_targets_come_least_recently_failed_first() {
         key_id: "k",
         user: None,
         headers: &headers,
+        open_circuits: None,
     };
     let plan = table.plan("chat", &inputs).unwrap();
     let a = plan.iter().find(|x| &**x.provider() == "a").unwrap();
@@ -430,6 +436,7 @@ fn fallbacks_follow_the_chain_depth_first_without_repeats() {
         key_id: "k",
         user: None,
         headers: &headers,
+        open_circuits: None,
     };
     let plan = table.plan("chat", &inputs).unwrap();
     let aliases: Vec<&str> = plan.iter().map(|a| &**a.alias()).collect();
@@ -520,6 +527,7 @@ fn canary_handles(table: &RoutingTable) -> (Attempt, Attempt) {
         key_id: "",
         user: None,
         headers: &headers,
+        open_circuits: None,
     };
     let plan = table.plan("chat", &inputs).unwrap();
     let find = |provider: &str| {
@@ -762,4 +770,45 @@ fn aliases_resolve_and_pick() {
     assert_eq!(&*route.pick().provider, "a");
     fail(&table, "chat", "a", FailureClass::Connect, 3);
     assert_eq!(&*route.pick().provider, "b");
+}
+
+/// The policy layer's breakers, as routing sees them.
+#[derive(Debug)]
+struct OpenCircuits(&'static [&'static str]);
+
+impl gateway_core::UpstreamHealth for OpenCircuits {
+    fn is_open(&self, provider: &str) -> bool {
+        self.0.contains(&provider)
+    }
+}
+
+#[test]
+fn a_target_whose_circuit_is_open_is_tried_last() {
+    let models = [alias(
+        "chat",
+        Strategy::Priority,
+        vec![TargetConfig::new("a", "m"), TargetConfig::new("b", "m")],
+    )];
+    let (table, _clock) = table_at(&models);
+    let headers = HeaderMap::new();
+    let plan_with = |open: &'static [&'static str]| {
+        let circuits = OpenCircuits(open);
+        let inputs = RouteInputs {
+            key_id: "k",
+            user: None,
+            headers: &headers,
+            open_circuits: Some(&circuits),
+        };
+        table
+            .plan("chat", &inputs)
+            .unwrap()
+            .iter()
+            .map(|attempt| attempt.provider().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(plan_with(&[]), ["a", "b"]);
+    // Priority keeps only the usable targets while there are some.
+    assert_eq!(plan_with(&["a"]), ["b"]);
+    // Every circuit open: the plan still holds every target, so the breakers decide.
+    assert_eq!(plan_with(&["a", "b"]), ["a", "b"]);
 }
