@@ -155,6 +155,7 @@ impl Reloader {
                 "config setting cannot change while running; keeping the running value until restart"
             );
         }
+        self.state.policy.apply(&effective.policy);
         self.state.snapshot.store(Arc::new(snapshot));
 
         let models = diff(&self.live.models, &effective.models, |m| &m.alias);

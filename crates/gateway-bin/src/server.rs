@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use gateway_business::{UsageWriter, WriterStats};
 use gateway_core::RequestObserver;
 use gateway_observability::AccessLog;
+use gateway_policy::Policy;
 use gateway_providers::UpstreamClient;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -74,6 +75,7 @@ impl RunningGateway {
         let client = UpstreamClient::new(config.policy.timeouts.connect())
             .context("building the upstream HTTP client")?;
         let snapshot = Snapshot::build(&config, &client)?;
+        let policy = Policy::new(&config.policy).context("starting the policy layer")?;
         let listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("binding {}", config.server.listen))?;
@@ -102,6 +104,7 @@ impl RunningGateway {
             snapshot: ArcSwap::from_pointee(snapshot),
             ready: false.into(),
             max_body_bytes: config.server.max_body_bytes,
+            policy,
         });
         let reload_status = Arc::new(ArcSwap::from_pointee(ReloadStatus::new(&config.version)));
         let (stop, stopped) = watch::channel(false);

@@ -29,6 +29,11 @@ use gateway_core::{
     ErrorType, FinishHold, GatewayError, Principal, RequestContext, RequestObserver,
 };
 use gateway_observability::ObserveLayer;
+use gateway_policy::idempotency::{
+    Claim, ClaimGuard, IdempotencyError, IdempotencyStore, StoredResponse,
+};
+use gateway_policy::limits::{self, LimitCheck, LimitScope, Quota, Rejection};
+use gateway_policy::{Policy, retry};
 use gateway_providers::DynProvider;
 use gateway_providers::anthropic;
 use gateway_routing::{Attempt, FailureClass, Outcome, RouteInputs, RoutePlan};
@@ -53,6 +58,9 @@ pub struct AppState {
     pub snapshot: ArcSwap<Snapshot>,
     pub ready: AtomicBool,
     pub max_body_bytes: usize,
+    /// Rate limits, breakers, retry budget, idempotency, in-flight caps: process-wide state
+    /// that outlives config versions.
+    pub policy: Policy,
 }
 
 /// Builds the whole stack, outermost first (see the module docs for why in this order).
@@ -105,9 +113,14 @@ where
         let mut inner = self.inner.clone();
         Box::pin(async move {
             match inner.call(request).await {
-                Ok(response) => Ok(response),
+                Ok(mut response) => {
+                    if let Some(context) = &context {
+                        add_response_headers(context, &mut response);
+                    }
+                    Ok(response)
+                }
                 Err(err) => {
-                    if let Some(context) = context {
+                    if let Some(context) = &context {
                         context.outcome().error_type = Some(err.error_type());
                     }
                     let mut response = if anthropic_client {
@@ -124,10 +137,25 @@ where
                     if let Some(extra) = err.extra_headers() {
                         response.headers_mut().extend(extra.clone());
                     }
+                    if let Some(context) = &context {
+                        add_response_headers(context, &mut response);
+                    }
                     Ok(response)
                 }
             }
         })
+    }
+}
+
+/// The headers the layers asked every response of this request to carry.
+fn add_response_headers(context: &RequestContext, response: &mut Response<ResponseBody>) {
+    let extra = context.outcome().response_headers.take();
+    if let Some(extra) = extra {
+        for (name, value) in extra.iter() {
+            if !response.headers().contains_key(name) {
+                response.headers_mut().insert(name, value.clone());
+            }
+        }
     }
 }
 
@@ -167,20 +195,12 @@ impl Service<Request<Incoming>> for Dispatch {
         let state = self.state.clone();
         Box::pin(async move {
             let method = request.method().clone();
+            if method == Method::POST
+                && let Some(endpoint) = Endpoint::of(request.uri().path())
+            {
+                return post(&state, request, endpoint).await;
+            }
             match (method, request.uri().path()) {
-                (Method::POST, "/v1/chat/completions") => chat_completions(&state, request).await,
-                (Method::POST, "/v1/messages") => anthropic_messages(&state, request).await,
-                (Method::POST, "/v1/embeddings") => embeddings(&state, request).await,
-                (Method::POST, "/v1/responses") => {
-                    openai_passthrough(&state, request, NativeApi::OpenAiResponses).await
-                }
-                (Method::POST, "/v1/images/generations") => {
-                    openai_passthrough(&state, request, NativeApi::OpenAiImages).await
-                }
-                (Method::POST, "/v1/audio/speech") => {
-                    openai_passthrough(&state, request, NativeApi::OpenAiSpeech).await
-                }
-                (Method::POST, "/v1/audio/transcriptions") => transcriptions(&state, request).await,
                 (Method::GET, "/v1/models") => list_models(&request),
                 (Method::GET, "/healthz") => Ok(json_response(
                     StatusCode::OK,
@@ -190,6 +210,243 @@ impl Service<Request<Incoming>> for Dispatch {
                 (method, path) => Err(unknown_route(&method, path)),
             }
         })
+    }
+}
+
+/// The endpoints that take a request body and call a vendor.
+#[derive(Debug, Clone, Copy)]
+enum Endpoint {
+    ChatCompletions,
+    AnthropicMessages,
+    Embeddings,
+    Passthrough(NativeApi),
+    Transcriptions,
+}
+
+impl Endpoint {
+    fn of(path: &str) -> Option<Self> {
+        Some(match path {
+            "/v1/chat/completions" => Self::ChatCompletions,
+            "/v1/messages" => Self::AnthropicMessages,
+            "/v1/embeddings" => Self::Embeddings,
+            "/v1/responses" => Self::Passthrough(NativeApi::OpenAiResponses),
+            "/v1/images/generations" => Self::Passthrough(NativeApi::OpenAiImages),
+            "/v1/audio/speech" => Self::Passthrough(NativeApi::OpenAiSpeech),
+            "/v1/audio/transcriptions" => Self::Transcriptions,
+            _ => return None,
+        })
+    }
+}
+
+/// Every body-carrying endpoint: an in-flight slot and the body (see [`receive`]), then the
+/// `Idempotency-Key` check, then the endpoint. The response of a request that owns its key is
+/// stored as it streams out and replayed to the key's repeats.
+async fn post(
+    state: &AppState,
+    request: Request<Incoming>,
+    endpoint: Endpoint,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let received = receive(state, request).await?;
+    let guard = match claim_idempotency_key(state, &received).await? {
+        None => None,
+        Some(Claim::Owner(guard)) => Some(guard),
+        Some(Claim::Replay(stored)) => return Ok(replayed(stored)),
+        Some(Claim::Conflict) => return Err(GatewayError::IdempotencyConflict),
+        Some(Claim::StillInFlight { retry_after }) => {
+            return Err(GatewayError::IdempotencyInFlight { retry_after });
+        }
+    };
+    let context = received.context.clone();
+    let store_limit = received.snapshot.policy.idempotency.max_body_bytes;
+    let result = match endpoint {
+        Endpoint::ChatCompletions => chat_completions(state, received).await,
+        Endpoint::AnthropicMessages => anthropic_messages(state, received).await,
+        Endpoint::Embeddings => embeddings(state, received).await,
+        Endpoint::Passthrough(api) => openai_passthrough(state, received, api).await,
+        Endpoint::Transcriptions => transcriptions(state, received).await,
+    };
+    match (guard, result) {
+        (Some(guard), Ok(response)) if response.status().is_success() => {
+            Ok(store_when_complete(response, guard, context, store_limit))
+        }
+        // Any failure releases the key (the guard drops): nothing was billed, so the
+        // client's retry must reach the vendor.
+        (_guard, result) => result,
+    }
+}
+
+/// The request's `Idempotency-Key` claim, or `None` when it has no key (or the store is off).
+async fn claim_idempotency_key(
+    state: &AppState,
+    received: &Received,
+) -> Result<Option<Claim>, GatewayError> {
+    let store = &state.policy.idempotency;
+    let Some(value) = received.parts.headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    if !store.is_enabled() {
+        return Ok(None);
+    }
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|key| IdempotencyStore::validate_key(key).is_ok())
+        .ok_or_else(|| {
+            GatewayError::invalid_request(
+                "Idempotency-Key must be 1 to 255 visible ASCII characters.",
+                None,
+            )
+        })?;
+    let fingerprint = IdempotencyStore::fingerprint(
+        received.parts.method.as_str(),
+        received.parts.uri.path(),
+        &received.body,
+    );
+    match store
+        .claim(&received.principal.project, key, fingerprint)
+        .await
+    {
+        Ok(claim) => Ok(Some(claim)),
+        Err(IdempotencyError::InvalidKey) => Err(GatewayError::invalid_request(
+            "Idempotency-Key must be 1 to 255 visible ASCII characters.",
+            None,
+        )),
+        Err(err) => {
+            tracing::error!(request_id = %received.context.id, error = %err, "idempotency store refused");
+            Err(GatewayError::PolicyUnavailable {
+                what: "The idempotency store",
+                retry_after: Duration::from_secs(1),
+            })
+        }
+    }
+}
+
+/// A stored response, sent again to a repeat of its request.
+fn replayed(stored: StoredResponse) -> Response<ResponseBody> {
+    let mut response = Response::new(full(stored.body));
+    *response.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+    let headers = response.headers_mut();
+    for (name, value) in &stored.headers {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.append(name, value);
+        }
+    }
+    headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    if let Ok(original) = HeaderValue::from_str(&stored.request_id) {
+        headers.insert("x-original-request-id", original);
+    }
+    response
+}
+
+/// Passes the response through while keeping a copy; when it has ended well (a stream without
+/// an error event), the copy is stored under the key. A client that leaves early, an error
+/// mid-stream or a body past `limit` releases the key instead.
+fn store_when_complete(
+    response: Response<ResponseBody>,
+    guard: ClaimGuard,
+    context: Arc<RequestContext>,
+    limit: usize,
+) -> Response<ResponseBody> {
+    let (parts, body) = response.into_parts();
+    let headers = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .map(|value| vec![(CONTENT_TYPE.as_str().to_owned(), value.to_owned())])
+        .unwrap_or_default();
+    let tee = StoringBody {
+        inner: body,
+        copy: Some(BytesMut::new()),
+        limit,
+        pending: Some(PendingStore {
+            guard,
+            context,
+            status: parts.status.as_u16(),
+            headers,
+        }),
+    };
+    Response::from_parts(parts, UnsyncBoxBody::new(tee))
+}
+
+struct PendingStore {
+    guard: ClaimGuard,
+    context: Arc<RequestContext>,
+    status: u16,
+    headers: Vec<(String, String)>,
+}
+
+pin_project_lite::pin_project! {
+    /// The response body and a copy of it, for [`store_when_complete`].
+    struct StoringBody {
+        #[pin]
+        inner: ResponseBody,
+        // `None` once the body outgrew the limit.
+        copy: Option<BytesMut>,
+        limit: usize,
+        pending: Option<PendingStore>,
+    }
+}
+
+impl http_body::Body for StoringBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let fits = this
+                        .copy
+                        .as_ref()
+                        .is_some_and(|copy| copy.len() + data.len() <= *this.limit);
+                    if fits {
+                        if let Some(copy) = this.copy.as_mut() {
+                            copy.extend_from_slice(data);
+                        }
+                    } else {
+                        *this.copy = None;
+                    }
+                }
+            }
+            Some(Err(never)) => match *never {},
+            None => {
+                if let Some(pending) = this.pending.take() {
+                    let failed = pending.context.outcome().error_type.is_some();
+                    match this.copy.take() {
+                        Some(copy) if !failed => {
+                            let stored = StoredResponse {
+                                status: pending.status,
+                                headers: pending.headers,
+                                body: copy.freeze(),
+                                request_id: pending.context.id.to_string(),
+                            };
+                            let guard = pending.guard;
+                            tokio::spawn(async move {
+                                guard.complete(stored).await;
+                            });
+                        }
+                        _ => pending.guard.release(),
+                    }
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -309,6 +566,18 @@ struct Received {
 async fn receive(state: &AppState, request: Request<Incoming>) -> Result<Received, GatewayError> {
     let (parts, body) = request.into_parts();
     let (context, principal, snapshot) = request_parts(&parts.extensions)?;
+    // Shed before reading the body: an overloaded gateway should not spend on it.
+    let shed = &snapshot.policy.shed;
+    let slot = state
+        .policy
+        .in_flight
+        .try_enter(&principal.project, shed)
+        .map_err(|refused| GatewayError::Overloaded {
+            scope: refused.to_string(),
+            retry_after: Duration::from_secs(shed.retry_after_secs),
+        })?;
+    // Held until the response (stream and drain included) has ended.
+    context.on_finish(move |_| drop(slot));
     let body = read_body(&parts.headers, body, state.max_body_bytes).await?;
     Ok(Received {
         parts,
@@ -321,7 +590,7 @@ async fn receive(state: &AppState, request: Request<Incoming>) -> Result<Receive
 
 async fn chat_completions(
     state: &AppState,
-    request: Request<Incoming>,
+    received: Received,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let Received {
         parts,
@@ -329,30 +598,44 @@ async fn chat_completions(
         context,
         principal,
         snapshot,
-    } = receive(state, request).await?;
+    } = received;
     let chat = ChatCompletionRequest::from_json(&body)?;
     let client_wants_usage = chat.client_wants_stream_usage();
     let plan = plan_route(
+        state,
         &context,
         &principal,
         &snapshot,
-        &chat.model,
-        chat.is_stream(),
-        chat.estimate_prompt_tokens(),
-        chat.user.as_deref(),
         &parts.headers,
-    )?;
+        RouteRequest {
+            alias: &chat.model,
+            stream: chat.is_stream(),
+            prompt_tokens: chat.estimate_prompt_tokens(),
+            max_output_tokens: chat
+                .max_completion_tokens
+                .or(chat.max_tokens)
+                .map(u64::from),
+            user: chat.user.as_deref(),
+        },
+    )
+    .await?;
     // Moved into the last attempt; earlier attempts (fallbacks pending) get a copy.
     let mut chat = Some(chat);
-    let reply = walk_plan(&context, &snapshot, &plan, |attempt, provider, last| {
-        let mut request = if last { chat.take() } else { chat.clone() }
-            .ok_or_else(|| GatewayError::Internal("request already sent".into()))?;
-        request.model = attempt.model().to_string();
-        Ok(provider.chat(ChatCall {
-            request,
-            request_id: context.id,
-        }))
-    })
+    let reply = walk_plan(
+        state,
+        &context,
+        &snapshot,
+        &plan,
+        |attempt, provider, last| {
+            let mut request = if last { chat.take() } else { chat.clone() }
+                .ok_or_else(|| GatewayError::Internal("request already sent".into()))?;
+            request.model = attempt.model().to_string();
+            Ok(provider.chat(ChatCall {
+                request,
+                request_id: context.id,
+            }))
+        },
+    )
     .await?;
     match reply {
         ChatReply::Complete(reply) => {
@@ -381,7 +664,7 @@ enum MessagesReply {
 /// know survive; any other vendor is reached through the OpenAI canonical form.
 async fn anthropic_messages(
     state: &AppState,
-    request: Request<Incoming>,
+    received: Received,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let Received {
         parts,
@@ -389,7 +672,7 @@ async fn anthropic_messages(
         context,
         principal,
         snapshot,
-    } = receive(state, request).await?;
+    } = received;
     let client_headers = anthropic_headers(&parts.headers);
     let beta = parts
         .uri
@@ -400,53 +683,64 @@ async fn anthropic_messages(
     // them: they get an estimate there, and the vendor's count in the final `message_delta`.
     let estimated_input_tokens = (body.len() as u64).div_ceil(4);
     let plan = plan_route(
+        state,
         &context,
         &principal,
         &snapshot,
-        &head.model,
-        head.stream,
-        estimated_input_tokens,
-        None,
         &parts.headers,
-    )?;
+        RouteRequest {
+            alias: &head.model,
+            stream: head.stream,
+            prompt_tokens: estimated_input_tokens,
+            max_output_tokens: head.max_output_tokens.or(head.max_tokens),
+            user: None,
+        },
+    )
+    .await?;
     // Translated once, and only if some attempt needs it.
     let mut translated: Option<ChatCompletionRequest> = None;
-    let reply = walk_plan(&context, &snapshot, &plan, |attempt, provider, _last| {
-        if provider
-            .native_apis()
-            .contains(&NativeApi::AnthropicMessages)
-        {
-            let call = ForwardCall {
-                api: NativeApi::AnthropicMessages,
-                model: attempt.model().to_string(),
-                body: replace_model(&body, attempt.model())?,
-                headers: client_headers.clone(),
-                content_type: None,
-                beta,
-                stream: head.stream,
+    let reply = walk_plan(
+        state,
+        &context,
+        &snapshot,
+        &plan,
+        |attempt, provider, _last| {
+            if provider
+                .native_apis()
+                .contains(&NativeApi::AnthropicMessages)
+            {
+                let call = ForwardCall {
+                    api: NativeApi::AnthropicMessages,
+                    model: attempt.model().to_string(),
+                    body: replace_model(&body, attempt.model())?,
+                    headers: client_headers.clone(),
+                    content_type: None,
+                    beta,
+                    stream: head.stream,
+                    request_id: context.id,
+                };
+                return Ok(provider
+                    .forward(call)
+                    .map(|reply| reply.map(MessagesReply::Native))
+                    .boxed());
+            }
+            if translated.is_none() {
+                translated = Some(anthropic::from_anthropic_request(&body)?);
+            }
+            let mut request = translated
+                .clone()
+                .ok_or_else(|| GatewayError::Internal("translation missing".into()))?;
+            request.model = attempt.model().to_string();
+            let call = ChatCall {
+                request,
                 request_id: context.id,
             };
-            return Ok(provider
-                .forward(call)
-                .map(|reply| reply.map(MessagesReply::Native))
-                .boxed());
-        }
-        if translated.is_none() {
-            translated = Some(anthropic::from_anthropic_request(&body)?);
-        }
-        let mut request = translated
-            .clone()
-            .ok_or_else(|| GatewayError::Internal("translation missing".into()))?;
-        request.model = attempt.model().to_string();
-        let call = ChatCall {
-            request,
-            request_id: context.id,
-        };
-        Ok(provider
-            .chat(call)
-            .map(|reply| reply.map(MessagesReply::Translated))
-            .boxed())
-    })
+            Ok(provider
+                .chat(call)
+                .map(|reply| reply.map(MessagesReply::Translated))
+                .boxed())
+        },
+    )
     .await?;
     match reply {
         MessagesReply::Native(reply) => Ok(forwarded_response(
@@ -480,6 +774,12 @@ struct RequestHead {
     model: String,
     #[serde(default)]
     stream: bool,
+    /// Anthropic Messages and OpenAI chat: the output cap, reserved against token limits.
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    /// OpenAI Responses' output cap.
+    #[serde(default)]
+    max_output_tokens: Option<u64>,
 }
 
 impl RequestHead {
@@ -578,7 +878,7 @@ fn forwarded_response(
 /// usage is read where the API reports it.
 async fn openai_passthrough(
     state: &AppState,
-    request: Request<Incoming>,
+    received: Received,
     api: NativeApi,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let Received {
@@ -587,31 +887,42 @@ async fn openai_passthrough(
         context,
         principal,
         snapshot,
-    } = receive(state, request).await?;
+    } = received;
     let head = RequestHead::parse(&body)?;
     let plan = plan_route(
+        state,
         &context,
         &principal,
         &snapshot,
-        &head.model,
-        head.stream,
-        (body.len() as u64).div_ceil(4),
-        None,
         &parts.headers,
-    )?;
-    let reply = walk_plan(&context, &snapshot, &plan, |attempt, provider, _last| {
-        offers(provider, api)?;
-        Ok(provider.forward(ForwardCall {
-            api,
-            model: attempt.model().to_string(),
-            body: replace_model(&body, attempt.model())?,
-            headers: http::HeaderMap::new(),
-            content_type: None,
-            beta: false,
+        RouteRequest {
+            alias: &head.model,
             stream: head.stream,
-            request_id: context.id,
-        }))
-    })
+            prompt_tokens: (body.len() as u64).div_ceil(4),
+            max_output_tokens: head.max_output_tokens.or(head.max_tokens),
+            user: None,
+        },
+    )
+    .await?;
+    let reply = walk_plan(
+        state,
+        &context,
+        &snapshot,
+        &plan,
+        |attempt, provider, _last| {
+            offers(provider, api)?;
+            Ok(provider.forward(ForwardCall {
+                api,
+                model: attempt.model().to_string(),
+                body: replace_model(&body, attempt.model())?,
+                headers: http::HeaderMap::new(),
+                content_type: None,
+                beta: false,
+                stream: head.stream,
+                request_id: context.id,
+            }))
+        },
+    )
     .await?;
     Ok(forwarded_response(
         context,
@@ -641,10 +952,15 @@ fn offers(provider: &DynProvider, api: NativeApi) -> Result<(), GatewayError> {
 /// form is re-encoded with the upstream model, every other part byte for byte.
 async fn transcriptions(
     state: &AppState,
-    request: Request<Incoming>,
+    received: Received,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    let (parts, body) = request.into_parts();
-    let (context, principal, snapshot) = request_parts(&parts.extensions)?;
+    let Received {
+        parts,
+        body,
+        context,
+        principal,
+        snapshot,
+    } = received;
     let content_type = parts
         .headers
         .get(CONTENT_TYPE)
@@ -657,7 +973,6 @@ async fn transcriptions(
             None,
         )
     })?;
-    let body = read_body(&parts.headers, body, state.max_body_bytes).await?;
     let form = form_parts(body, &boundary).await?;
     let model = form
         .iter()
@@ -668,29 +983,40 @@ async fn transcriptions(
             GatewayError::invalid_request("The form needs a `model` field.", Some("model".into()))
         })?;
     let plan = plan_route(
+        state,
         &context,
         &principal,
         &snapshot,
-        &model,
-        false,
-        0,
-        None,
         &parts.headers,
-    )?;
-    let api = NativeApi::OpenAiTranscriptions;
-    let reply = walk_plan(&context, &snapshot, &plan, |attempt, provider, _last| {
-        offers(provider, api)?;
-        Ok(provider.forward(ForwardCall {
-            api,
-            model: attempt.model().to_string(),
-            body: encode_form(&form, &boundary, attempt.model()),
-            headers: http::HeaderMap::new(),
-            content_type: HeaderValue::from_str(&content_type).ok(),
-            beta: false,
+        RouteRequest {
+            alias: &model,
             stream: false,
-            request_id: context.id,
-        }))
-    })
+            prompt_tokens: 0,
+            max_output_tokens: None,
+            user: None,
+        },
+    )
+    .await?;
+    let api = NativeApi::OpenAiTranscriptions;
+    let reply = walk_plan(
+        state,
+        &context,
+        &snapshot,
+        &plan,
+        |attempt, provider, _last| {
+            offers(provider, api)?;
+            Ok(provider.forward(ForwardCall {
+                api,
+                model: attempt.model().to_string(),
+                body: encode_form(&form, &boundary, attempt.model()),
+                headers: http::HeaderMap::new(),
+                content_type: HeaderValue::from_str(&content_type).ok(),
+                beta: false,
+                stream: false,
+                request_id: context.id,
+            }))
+        },
+    )
     .await?;
     Ok(forwarded_response(
         context,
@@ -763,38 +1089,44 @@ fn encode_form(parts: &[FormPart], boundary: &str, model: &str) -> Bytes {
     out.freeze()
 }
 
+/// What an endpoint read from its request that routing and the rate limits need.
+struct RouteRequest<'a> {
+    alias: &'a str,
+    stream: bool,
+    /// Estimated from the request, for token limits and for when the vendor reports no usage.
+    prompt_tokens: u64,
+    /// The request's output cap, reserved against token limits until the real usage is known.
+    max_output_tokens: Option<u64>,
+    user: Option<&'a str>,
+}
+
 /// Routing for every endpoint: the caller's plan for the alias (first choice, the alias's other
-/// usable targets, then its fallbacks), noted in the request's outcome. From here on the
-/// request is billable or auditable: it gets a usage record even if the alias turns out not to
-/// exist.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the routing inputs of one request, gathered by each endpoint from its own format"
-)]
-fn plan_route(
-    context: &RequestContext,
+/// usable targets, then its fallbacks), noted in the request's outcome, and admission by the
+/// rate limits of the project, the key and the alias. From here on the request is billable or
+/// auditable: it gets a usage record even if the alias turns out not to exist.
+async fn plan_route(
+    state: &AppState,
+    context: &Arc<RequestContext>,
     principal: &Principal,
     snapshot: &Snapshot,
-    alias: &str,
-    stream: bool,
-    estimated_prompt_tokens: u64,
-    user: Option<&str>,
     headers: &http::HeaderMap,
+    route: RouteRequest<'_>,
 ) -> Result<RoutePlan, GatewayError> {
+    let alias = route.alias;
     {
         let mut outcome = context.outcome();
         outcome.routed = true;
         outcome.alias = Some(alias.into());
-        outcome.streamed = stream;
-        outcome.estimated_prompt_tokens = estimated_prompt_tokens;
+        outcome.streamed = route.stream;
+        outcome.estimated_prompt_tokens = route.prompt_tokens;
     }
     // An alias the project may not use is reported exactly like a missing one, so a caller
     // cannot probe which aliases exist.
     let inputs = RouteInputs {
         key_id: &principal.key_id,
-        user,
+        user: route.user,
         headers,
-        open_circuits: None,
+        open_circuits: Some(&state.policy.breakers),
     };
     let plan = principal
         .may_use(alias)
@@ -809,14 +1141,129 @@ fn plan_route(
             reason: "no target of this alias is usable".into(),
         });
     }
+    let reserve = route
+        .prompt_tokens
+        .saturating_add(route.max_output_tokens.unwrap_or(0));
+    admit(state, context, principal, snapshot, alias, reserve).await?;
     Ok(plan)
 }
 
-/// Tries the plan's attempts in order, each under its provider's deadline (policy), until one
-/// succeeds or fails with an error its alias does not fall back on. Every outcome is reported
-/// to routing (health, latency, canary windows). Only errors before the first byte reach this
-/// point, so moving on never repeats anything the client has seen.
+/// Checks the project's, the key's and the alias's rate limits at once. An admitted request
+/// carries OpenAI's `x-ratelimit-*` headers of its tightest limits, and its token reservation
+/// is corrected to the real usage when it finishes.
+async fn admit(
+    state: &AppState,
+    context: &Arc<RequestContext>,
+    principal: &Principal,
+    snapshot: &Snapshot,
+    alias: &str,
+    reserve_tokens: u64,
+) -> Result<(), GatewayError> {
+    let mut checks = Vec::new();
+    if let Some(limit) = principal.project_rate_limit {
+        checks.push(LimitCheck::new(
+            LimitScope::Project,
+            principal.project.clone(),
+            limit,
+        ));
+    }
+    if let Some(limit) = principal.key_rate_limit {
+        // Key ids are unique within a project only.
+        let name = format!("{}/{}", principal.project, principal.key_id);
+        checks.push(LimitCheck::new(LimitScope::Key, name, limit));
+    }
+    if let Some(limit) = snapshot.routes.resolve(alias).and_then(|r| r.rate_limit()) {
+        checks.push(LimitCheck::new(LimitScope::Alias, alias, limit));
+    }
+    if checks.is_empty() {
+        return Ok(());
+    }
+    match state.policy.limiter.admit(&checks, reserve_tokens).await {
+        Ok(admission) => {
+            let headers = rate_limit_headers(admission.requests, admission.tokens);
+            context.outcome().response_headers = Some(Box::new(headers));
+            context.on_finish(move |finished| {
+                let used = finished
+                    .outcome
+                    .usage
+                    .map_or(0, |usage| usage.prompt_tokens + usage.completion_tokens);
+                admission.settle_in_background(used);
+            });
+            Ok(())
+        }
+        Err(Rejection::Limited {
+            scope,
+            name,
+            dimension,
+            retry_after,
+            oversized,
+            requests,
+            tokens,
+        }) => {
+            let message = if oversized {
+                format!(
+                    "This request needs more {dimension} than the {scope} `{name}` may use in a minute."
+                )
+            } else {
+                format!(
+                    "Rate limit reached for {dimension} per minute of the {scope} `{name}`. Retry after {}.",
+                    limits::openai_reset(retry_after)
+                )
+            };
+            Err(GatewayError::RateLimited {
+                message,
+                dimension: dimension.as_str(),
+                retry_after,
+                headers: Box::new(rate_limit_headers(requests, tokens)),
+            })
+        }
+        Err(Rejection::Unavailable) => Err(GatewayError::PolicyUnavailable {
+            what: "The shared rate limiter",
+            retry_after: Duration::from_secs(1),
+        }),
+    }
+}
+
+/// OpenAI's rate-limit headers for the tightest request and token quotas.
+fn rate_limit_headers(requests: Option<Quota>, tokens: Option<Quota>) -> http::HeaderMap {
+    let mut headers = http::HeaderMap::new();
+    for (quota, limit, remaining, reset) in [
+        (
+            requests,
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+        ),
+        (
+            tokens,
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+        ),
+    ] {
+        let Some(quota) = quota else { continue };
+        headers.insert(limit, HeaderValue::from(quota.limit));
+        headers.insert(remaining, HeaderValue::from(quota.remaining));
+        if let Ok(value) = HeaderValue::from_str(&limits::openai_reset(quota.reset)) {
+            headers.insert(reset, value);
+        }
+    }
+    headers
+}
+
+/// Tries the plan's attempts in order until one succeeds or fails with an error its alias
+/// does not fall back on. Only errors before the first byte reach this point, so moving on
+/// never repeats anything the client has seen.
+///
+/// Policy on each attempt: a target whose circuit breaker is open is skipped without a call;
+/// a recoverable failure moves on to the next target at once, and the last target is retried
+/// after a jittered back-off (or the vendor's `Retry-After`, up to a cap), up to
+/// `max_attempts` calls on it. Every call after the first spends from the process-wide retry
+/// budget, so a vendor outage adds at most `budget_percent` more calls. Each call runs under
+/// its provider's deadline, cut to what is left of the request's total. Every outcome is
+/// reported to routing (health, latency, canary windows) and to the breaker.
 async fn walk_plan<T>(
+    state: &AppState,
     context: &RequestContext,
     snapshot: &Snapshot,
     plan: &RoutePlan,
@@ -826,7 +1273,12 @@ async fn walk_plan<T>(
         bool,
     ) -> Result<BoxFuture<'static, Result<T, GatewayError>>, GatewayError>,
 ) -> Result<T, GatewayError> {
+    let policy = &state.policy;
+    let retry = &snapshot.policy.retry;
+    policy.retry_budget.record_request();
     let attempts = plan.attempts();
+    let mut calls: u32 = 0;
+    let mut last_error: Option<GatewayError> = None;
     for (index, attempt) in attempts.iter().enumerate() {
         let provider = snapshot
             .providers
@@ -834,51 +1286,115 @@ async fn walk_plan<T>(
             .ok_or_else(|| {
                 GatewayError::Internal(format!("provider `{}` is not built", attempt.provider()))
             })?;
-        {
-            let mut outcome = context.outcome();
-            outcome.alias = Some(attempt.alias().clone());
-            outcome.provider = Some(attempt.provider().clone());
-            outcome.upstream_model = Some(attempt.model().clone());
-            outcome.attempts = u32::try_from(index + 1).unwrap_or(u32::MAX);
-        }
         let last = index + 1 == attempts.len();
-        let started = std::time::Instant::now();
-        let result = match call(attempt, provider, last) {
-            Ok(future) => {
-                gateway_policy::with_deadline(provider.name(), provider.timeout(), future).await
-            }
-            Err(err) => Err(err),
-        };
-        match result {
-            Ok(reply) => {
-                let elapsed = started.elapsed();
-                snapshot.routes.report(
-                    attempt,
-                    Outcome::Success {
-                        ttft: elapsed,
-                        latency: elapsed,
-                    },
-                );
-                return Ok(reply);
-            }
-            Err(err) => {
-                let class = failure_class(&err);
-                snapshot.routes.report(attempt, Outcome::Failure { class });
-                if last || !attempt.may_continue(class) {
-                    return Err(err);
+        let mut calls_here: u32 = 0;
+        loop {
+            let permit = match policy.breakers.try_acquire(attempt.provider()) {
+                Ok(permit) => permit,
+                Err(open) => {
+                    last_error = Some(GatewayError::CircuitOpen {
+                        provider: attempt.provider().to_string(),
+                        retry_after: open.retry_in,
+                    });
+                    break;
                 }
+            };
+            if calls > 0 && !policy.retry_budget.try_withdraw() {
                 tracing::warn!(
                     request_id = %context.id,
                     alias = %attempt.alias(),
-                    provider = %attempt.provider(),
-                    error_class = class.as_str(),
-                    error = %err,
-                    "attempt failed; trying the next target"
+                    "retry budget exhausted; not trying again"
                 );
+                return Err(last_error.unwrap_or_else(|| {
+                    GatewayError::Internal("retry budget exhausted before any call".into())
+                }));
             }
+            calls = calls.saturating_add(1);
+            calls_here += 1;
+            {
+                let mut outcome = context.outcome();
+                outcome.alias = Some(attempt.alias().clone());
+                outcome.provider = Some(attempt.provider().clone());
+                outcome.upstream_model = Some(attempt.model().clone());
+                outcome.attempts = calls;
+            }
+            let started = std::time::Instant::now();
+            // Only a call that cannot be followed by another may consume the request.
+            let final_call = last && calls_here >= retry.max_attempts.max(1);
+            let result = match call(attempt, provider, final_call) {
+                Ok(future) => {
+                    let deadline = call_deadline(context, provider.timeout(), &snapshot.policy);
+                    gateway_policy::with_deadline(provider.name(), deadline, future).await
+                }
+                Err(err) => Err(err),
+            };
+            let err = match result {
+                Ok(reply) => {
+                    permit.success();
+                    let elapsed = started.elapsed();
+                    snapshot.routes.report(
+                        attempt,
+                        Outcome::Success {
+                            ttft: elapsed,
+                            latency: elapsed,
+                        },
+                    );
+                    return Ok(reply);
+                }
+                Err(err) => err,
+            };
+            let class = failure_class(&err);
+            if class == FailureClass::Client {
+                // The vendor is up and said no: that is not the breaker's business.
+                permit.success();
+                return Err(err);
+            }
+            permit.failure();
+            snapshot.routes.report(attempt, Outcome::Failure { class });
+            tracing::warn!(
+                request_id = %context.id,
+                alias = %attempt.alias(),
+                provider = %attempt.provider(),
+                attempt = calls,
+                error_class = class.as_str(),
+                error = %err,
+                "upstream attempt failed"
+            );
+            if !attempt.may_continue(class) {
+                return Err(err);
+            }
+            let vendor_wait = err
+                .retry_after()
+                .and_then(|value| value.to_str().ok().and_then(retry::parse_retry_after));
+            last_error = Some(err);
+            // Another target is a fresh chance: go there at once. The last one is retried.
+            if !last || calls_here >= retry.max_attempts.max(1) {
+                break;
+            }
+            let Some(delay) = retry::delay_before_retry(retry, calls_here, vendor_wait) else {
+                break;
+            };
+            if context.elapsed() + delay >= total_or_max(&snapshot.policy) {
+                break;
+            }
+            tokio::time::sleep(delay).await;
         }
     }
-    Err(GatewayError::Internal("empty routing plan".into()))
+    Err(last_error.unwrap_or_else(|| GatewayError::Internal("empty routing plan".into())))
+}
+
+/// A call's deadline: its provider's, cut to what is left of the request's total.
+fn call_deadline(
+    context: &RequestContext,
+    provider_timeout: Duration,
+    policy: &gateway_policy::PolicyConfig,
+) -> Duration {
+    let left = total_or_max(policy).saturating_sub(context.elapsed());
+    provider_timeout.min(left)
+}
+
+fn total_or_max(policy: &gateway_policy::PolicyConfig) -> Duration {
+    policy.timeouts.total().unwrap_or(Duration::MAX)
 }
 
 /// The routing class of an error: what may move a request on to another target.
@@ -900,7 +1416,7 @@ fn failure_class(err: &GatewayError) -> FailureClass {
 /// `POST /v1/embeddings`, served by the `openai`, `azure` and `gemini` kinds.
 async fn embeddings(
     state: &AppState,
-    request: Request<Incoming>,
+    received: Received,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let Received {
         parts,
@@ -908,26 +1424,37 @@ async fn embeddings(
         context,
         principal,
         snapshot,
-    } = receive(state, request).await?;
+    } = received;
     let embeddings = EmbeddingsRequest::from_json(&body)?;
     let plan = plan_route(
+        state,
         &context,
         &principal,
         &snapshot,
-        &embeddings.model,
-        false,
-        embeddings.estimate_prompt_tokens(),
-        None,
         &parts.headers,
-    )?;
-    let reply = walk_plan(&context, &snapshot, &plan, |attempt, provider, _last| {
-        let mut request = embeddings.clone();
-        request.model = attempt.model().to_string();
-        Ok(provider.embeddings(EmbeddingsCall {
-            request,
-            request_id: context.id,
-        }))
-    })
+        RouteRequest {
+            alias: &embeddings.model,
+            stream: false,
+            prompt_tokens: embeddings.estimate_prompt_tokens(),
+            max_output_tokens: None,
+            user: None,
+        },
+    )
+    .await?;
+    let reply = walk_plan(
+        state,
+        &context,
+        &snapshot,
+        &plan,
+        |attempt, provider, _last| {
+            let mut request = embeddings.clone();
+            request.model = attempt.model().to_string();
+            Ok(provider.embeddings(EmbeddingsCall {
+                request,
+                request_id: context.id,
+            }))
+        },
+    )
     .await?;
     note_complete(&context, &reply);
     Ok(json_response(StatusCode::OK, reply.body))

@@ -96,6 +96,8 @@ pub struct RequestOutcome {
     pub estimated_prompt_tokens: u64,
     /// Characters of streamed content seen so far, for the same purpose.
     pub streamed_output_chars: u64,
+    /// Headers the response gets whatever its status (the rate-limit quotas).
+    pub response_headers: Option<Box<http::HeaderMap>>,
 }
 
 impl RequestOutcome {

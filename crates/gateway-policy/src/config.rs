@@ -1,5 +1,9 @@
 //! The `[policy]` config section.
 
+use crate::breaker::BreakerConfig;
+use crate::idempotency::{self, IdempotencyConfig};
+use crate::limits::{Backend, FailureMode, LimiterConfig};
+use crate::retry::RetryConfig;
 use crate::shed::ShedConfig;
 use serde::Deserialize;
 use std::time::Duration;
@@ -17,6 +21,28 @@ pub struct PolicyConfig {
     pub timeouts: TimeoutConfig,
     /// `[policy.shed]`.
     pub shed: ShedConfig,
+    /// Where the rate limits are counted: `"local"` (this process; each enforces
+    /// `limit / replicas`) or `"redis"` (one count shared by every replica). Default
+    /// `"local"`. Read at start.
+    pub rate_limit_backend: Backend,
+    /// Redis for shared rate limits (and `[policy.idempotency] backend = "redis"` unless it
+    /// names its own), e.g. `"redis://127.0.0.1:6379"`. Read at start.
+    pub redis_url: Option<String>,
+    /// When Redis cannot be reached: `"fail-open"` (limit locally to `limit / replicas`) or
+    /// `"fail-closed"` (answer 503). Default `"fail-open"`. Read at start.
+    pub on_redis_failure: FailureMode,
+    /// How many replicas share the limits, for the local share above. Default 1. Read at
+    /// start.
+    pub replicas: u32,
+    /// Deadline of one rate-limit call to Redis, connecting included. Default 50. Read at
+    /// start.
+    pub redis_timeout_ms: u64,
+    /// `[policy.retry]`.
+    pub retry: RetryConfig,
+    /// `[policy.breaker]`.
+    pub breaker: BreakerConfig,
+    /// `[policy.idempotency]`. Read at start.
+    pub idempotency: IdempotencyConfig,
 }
 
 impl Default for PolicyConfig {
@@ -25,6 +51,14 @@ impl Default for PolicyConfig {
             stream_drain_secs: 10,
             timeouts: TimeoutConfig::default(),
             shed: ShedConfig::default(),
+            rate_limit_backend: Backend::Local,
+            redis_url: None,
+            on_redis_failure: FailureMode::FailOpen,
+            replicas: 1,
+            redis_timeout_ms: LimiterConfig::default().redis_timeout_ms,
+            retry: RetryConfig::default(),
+            breaker: BreakerConfig::default(),
+            idempotency: IdempotencyConfig::default(),
         }
     }
 }
@@ -32,17 +66,63 @@ impl Default for PolicyConfig {
 impl PolicyConfig {
     /// Keys read once at start, which a reload cannot change, that differ in `new`.
     pub fn frozen_changes(&self, new: &Self) -> Vec<&'static str> {
-        let mut changed = Vec::new();
-        if self.timeouts.connect_ms != new.timeouts.connect_ms {
-            changed.push("policy.timeouts.connect_ms");
+        [
+            (
+                "policy.timeouts.connect_ms",
+                self.timeouts.connect_ms != new.timeouts.connect_ms,
+            ),
+            (
+                "policy.rate_limit_backend",
+                self.rate_limit_backend != new.rate_limit_backend,
+            ),
+            ("policy.redis_url", self.redis_url != new.redis_url),
+            (
+                "policy.on_redis_failure",
+                self.on_redis_failure != new.on_redis_failure,
+            ),
+            ("policy.replicas", self.replicas != new.replicas),
+            (
+                "policy.redis_timeout_ms",
+                self.redis_timeout_ms != new.redis_timeout_ms,
+            ),
+            ("policy.idempotency", self.idempotency != new.idempotency),
+        ]
+        .into_iter()
+        .filter_map(|(key, differs)| differs.then_some(key))
+        .collect()
+    }
+
+    /// The rate limiter's settings.
+    pub fn limiter(&self) -> LimiterConfig {
+        LimiterConfig {
+            backend: self.rate_limit_backend,
+            redis_url: self.redis_url.clone(),
+            on_redis_failure: self.on_redis_failure,
+            replicas: self.replicas,
+            redis_timeout_ms: self.redis_timeout_ms,
+            ..LimiterConfig::default()
         }
-        changed
+    }
+
+    /// The idempotency store's settings, with `redis_url` inherited when it names none.
+    pub fn idempotency_store(&self) -> IdempotencyConfig {
+        let mut config = self.idempotency.clone();
+        if config.backend == idempotency::Backend::Redis && config.redis_url.is_none() {
+            config.redis_url.clone_from(&self.redis_url);
+        }
+        config
     }
 
     /// This (newly loaded) config with the keys a reload cannot change taken from `live`.
     #[must_use]
     pub fn keeping_frozen(mut self, live: &Self) -> Self {
         self.timeouts.connect_ms = live.timeouts.connect_ms;
+        self.rate_limit_backend = live.rate_limit_backend;
+        self.redis_url.clone_from(&live.redis_url);
+        self.on_redis_failure = live.on_redis_failure;
+        self.replicas = live.replicas;
+        self.redis_timeout_ms = live.redis_timeout_ms;
+        self.idempotency.clone_from(&live.idempotency);
         self
     }
 }

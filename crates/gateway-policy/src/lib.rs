@@ -20,8 +20,61 @@ mod redis_link;
 pub mod retry;
 pub mod shed;
 
-pub use config::PolicyConfig;
+pub use config::{PolicyConfig, TimeoutConfig};
 pub use redis_link::{RedisLink, RedisUnavailable};
+
+use breaker::Breakers;
+use idempotency::IdempotencyStore;
+use limits::Limiter;
+use retry::RetryBudget;
+use shed::InFlight;
+
+/// The policy state of one process: it outlives config versions (a reload re-tunes it), so
+/// counts, breaker states and idempotency claims survive reloads.
+#[derive(Debug)]
+pub struct Policy {
+    pub limiter: Limiter,
+    pub breakers: Breakers,
+    pub retry_budget: RetryBudget,
+    pub idempotency: IdempotencyStore,
+    pub in_flight: InFlight,
+}
+
+/// A `[policy]` that cannot be put to work.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("policy rate limits: {0}")]
+    Limits(#[from] limits::LimitError),
+    #[error("policy.idempotency: {0}")]
+    Idempotency(#[from] idempotency::IdempotencyError),
+}
+
+impl Policy {
+    /// Builds the policy state. Call it inside the tokio runtime: the Redis links are made
+    /// there (lazily: a Redis that is down at start is not an error).
+    pub fn new(config: &PolicyConfig) -> Result<Self, PolicyError> {
+        Ok(Self {
+            limiter: Limiter::new(&config.limiter())?,
+            breakers: Breakers::new(&config.breaker),
+            retry_budget: RetryBudget::new(&config.retry),
+            idempotency: IdempotencyStore::new(&config.idempotency_store())?,
+            in_flight: InFlight::new(),
+        })
+    }
+
+    /// Applies a reloaded config's tunable settings (the rest is read per request from the
+    /// config snapshot, or fixed at start).
+    pub fn apply(&self, config: &PolicyConfig) {
+        self.breakers.set_config(&config.breaker);
+        self.retry_budget.set_config(&config.retry);
+    }
+}
+
+impl gateway_core::UpstreamHealth for Breakers {
+    fn is_open(&self, provider: &str) -> bool {
+        Breakers::is_open(self, provider)
+    }
+}
 
 use gateway_core::GatewayError;
 use std::future::Future;
