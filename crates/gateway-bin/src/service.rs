@@ -371,6 +371,27 @@ fn store_when_complete(
     Response::from_parts(parts, UnsyncBoxBody::new(tee))
 }
 
+/// Stores a body that ended well under its key; releases the key otherwise.
+fn store_copy(pending: Option<PendingStore>, copy: Option<BytesMut>) {
+    let Some(pending) = pending else { return };
+    let failed = pending.context.outcome().error_type.is_some();
+    match copy {
+        Some(copy) if !failed => {
+            let stored = StoredResponse {
+                status: pending.status,
+                headers: pending.headers,
+                body: copy.freeze(),
+                request_id: pending.context.id.to_string(),
+            };
+            let guard = pending.guard;
+            tokio::spawn(async move {
+                guard.complete(stored).await;
+            });
+        }
+        _ => pending.guard.release(),
+    }
+}
+
 struct PendingStore {
     guard: ClaimGuard,
     context: Arc<RequestContext>,
@@ -398,8 +419,8 @@ impl http_body::Body for StoringBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let this = self.project();
-        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        let mut this = self.project();
+        let frame = std::task::ready!(this.inner.as_mut().poll_frame(cx));
         match &frame {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
@@ -415,28 +436,14 @@ impl http_body::Body for StoringBody {
                         *this.copy = None;
                     }
                 }
-            }
-            Some(Err(never)) => match *never {},
-            None => {
-                if let Some(pending) = this.pending.take() {
-                    let failed = pending.context.outcome().error_type.is_some();
-                    match this.copy.take() {
-                        Some(copy) if !failed => {
-                            let stored = StoredResponse {
-                                status: pending.status,
-                                headers: pending.headers,
-                                body: copy.freeze(),
-                                request_id: pending.context.id.to_string(),
-                            };
-                            let guard = pending.guard;
-                            tokio::spawn(async move {
-                                guard.complete(stored).await;
-                            });
-                        }
-                        _ => pending.guard.release(),
-                    }
+                // hyper stops polling a body that says it has ended, so a complete body
+                // (one data frame) is stored here rather than at the `None` that never comes.
+                if this.inner.is_end_stream() {
+                    store_copy(this.pending.take(), this.copy.take());
                 }
             }
+            Some(Err(never)) => match *never {},
+            None => store_copy(this.pending.take(), this.copy.take()),
         }
         Poll::Ready(frame)
     }
@@ -1292,7 +1299,8 @@ async fn walk_plan<T>(
             let permit = match policy.breakers.try_acquire(attempt.provider()) {
                 Ok(permit) => permit,
                 Err(open) => {
-                    last_error = Some(GatewayError::CircuitOpen {
+                    // A vendor error already seen says more than "the breaker is open".
+                    last_error.get_or_insert_with(|| GatewayError::CircuitOpen {
                         provider: attempt.provider().to_string(),
                         retry_after: open.retry_in,
                     });
