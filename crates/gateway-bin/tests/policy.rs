@@ -56,7 +56,11 @@ fn url(gateway: &RunningGateway) -> String {
     format!("http://{}/v1/chat/completions", gateway.local_addr())
 }
 
-async fn chat(gateway: &RunningGateway, body: Value, headers: &[(&str, &str)]) -> reqwest::Response {
+async fn chat(
+    gateway: &RunningGateway,
+    body: Value,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
     let mut request = reqwest::Client::new().post(url(gateway)).bearer_auth(KEY);
     for (name, value) in headers {
         request = request.header(*name, *value);
@@ -85,7 +89,10 @@ async fn project_request_limit_answers_429_with_openai_headers() {
         let response = chat(&gateway, hello(), &[]).await;
         assert_eq!(response.status(), 200);
         assert_eq!(header(&response, "x-ratelimit-limit-requests"), "3");
-        assert_eq!(header(&response, "x-ratelimit-remaining-requests"), remaining);
+        assert_eq!(
+            header(&response, "x-ratelimit-remaining-requests"),
+            remaining
+        );
         assert!(header(&response, "x-ratelimit-reset-requests").ends_with('s'));
     }
     let response = chat(&gateway, hello(), &[]).await;
@@ -97,7 +104,11 @@ async fn project_request_limit_answers_429_with_openai_headers() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["type"], "requests");
     assert_eq!(body["error"]["code"], "rate_limit_exceeded");
-    assert_eq!(up.stats().chat_requests, 3, "the refused request never went upstream");
+    assert_eq!(
+        up.stats().chat_requests,
+        3,
+        "the refused request never went upstream"
+    );
     gateway.shutdown().await;
 }
 
@@ -109,8 +120,13 @@ async fn token_reservations_are_settled_to_the_real_usage() {
         "messages": [{"role": "user", "content": "hello"}]});
     let first = chat(&gateway, big.clone(), &[]).await;
     assert_eq!(first.status(), 200);
-    let remaining: u64 = header(&first, "x-ratelimit-remaining-tokens").parse().unwrap();
-    assert!(remaining < 100, "900 output tokens were reserved: {remaining}");
+    let remaining: u64 = header(&first, "x-ratelimit-remaining-tokens")
+        .parse()
+        .unwrap();
+    assert!(
+        remaining < 100,
+        "900 output tokens were reserved: {remaining}"
+    );
     first.bytes().await.unwrap();
     // The mock used a handful of tokens: once the first request is settled, the second
     // reservation of 900 fits again. Without the correction it would be refused.
@@ -171,7 +187,11 @@ open_secs = 60
         if response.status() == 503 {
             let body: Value = response.json().await.unwrap();
             assert_eq!(body["error"]["code"], "circuit_open");
-            assert_eq!(up.stats().chat_requests, before, "an open breaker makes no call");
+            assert_eq!(
+                up.stats().chat_requests,
+                before,
+                "an open breaker makes no call"
+            );
             assert!(started.elapsed() < Duration::from_millis(500));
             fast_failures += 1;
         }
@@ -290,7 +310,11 @@ async fn an_idempotency_key_replays_during_and_after_the_first_request() {
     let after = chat(&gateway, slow.clone(), &key).await;
     assert_eq!(after.status(), 200);
     assert_eq!(after.text().await.unwrap(), first_body);
-    assert_eq!(up.stats().chat_requests, 1, "one upstream call for three requests");
+    assert_eq!(
+        up.stats().chat_requests,
+        1,
+        "one upstream call for three requests"
+    );
 
     // The same key with another body is a client error.
     let other = chat(&gateway, hello(), &key).await;
@@ -302,7 +326,11 @@ async fn an_idempotency_key_replays_during_and_after_the_first_request() {
     let stream = json!({"model": "chat", "stream": true,
         "messages": [{"role": "user", "content": "stream me"}]});
     let key = [("idempotency-key", "stream-1")];
-    let original = chat(&gateway, stream.clone(), &key).await.text().await.unwrap();
+    let original = chat(&gateway, stream.clone(), &key)
+        .await
+        .text()
+        .await
+        .unwrap();
     assert!(original.ends_with("data: [DONE]\n\n"), "{original}");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let replay = chat(&gateway, stream, &key).await;
