@@ -7,8 +7,10 @@
 
 #![allow(
     clippy::unwrap_used,
+    clippy::expect_used,
     clippy::panic,
-    reason = "a test that cannot go on should fail on the spot"
+    clippy::print_stdout,
+    reason = "a test that cannot go on should fail on the spot; the measured rates are printed"
 )]
 
 use gateway_test_support::MockUpstream;
