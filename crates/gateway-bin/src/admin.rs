@@ -2,6 +2,9 @@
 //!
 //! - `GET /config`: `{"version", "loaded_at", "reloads", "failed_reloads"}` of the config in
 //!   force, so a deploy can check that its change went live (or was refused).
+//! - `GET /policy`: the policy layer's counters and states: rate-limit decisions (and how many
+//!   were made locally because Redis was down), each upstream's circuit breaker, the retry
+//!   budget, in-flight requests and shed ones, idempotency replays and conflicts.
 //! - `GET /healthz`: 200 while the process serves.
 //!
 //! It is kept off the data-plane listener so it can be firewalled apart, and it takes no client
@@ -10,8 +13,11 @@
 //! why nothing here reveals secrets or changes state.
 
 use crate::reload::ReloadStatus;
+use crate::service::AppState;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use gateway_policy::Policy;
+use gateway_policy::breaker::Circuit;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -20,6 +26,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use serde_json::json;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +41,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 pub(crate) async fn serve(
     listener: TcpListener,
     status: Arc<ArcSwap<ReloadStatus>>,
+    state: Arc<AppState>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -54,9 +62,9 @@ pub(crate) async fn serve(
                         continue;
                     }
                 };
-                let status = status.clone();
+                let (status, state) = (status.clone(), state.clone());
                 let service = service_fn(move |request: Request<Incoming>| {
-                    let response = handle(&request, &status.load());
+                    let response = handle(&request, &status.load(), &state.policy);
                     async move { Ok::<_, Infallible>(response) }
                 });
                 let connection = builder
@@ -81,8 +89,16 @@ pub(crate) async fn serve(
     }
 }
 
-fn handle<B>(request: &Request<B>, status: &ReloadStatus) -> Response<Full<Bytes>> {
+fn handle<B>(
+    request: &Request<B>,
+    status: &ReloadStatus,
+    policy: &Policy,
+) -> Response<Full<Bytes>> {
     match (request.method(), request.uri().path()) {
+        (&Method::GET, "/policy") => json(
+            StatusCode::OK,
+            Bytes::from(policy_report(policy).to_string()),
+        ),
         (&Method::GET, "/config") => match serde_json::to_vec(status) {
             Ok(body) => json(StatusCode::OK, Bytes::from(body)),
             Err(err) => {
@@ -98,9 +114,63 @@ fn handle<B>(request: &Request<B>, status: &ReloadStatus) -> Response<Full<Bytes
         }
         _ => json(
             StatusCode::NOT_FOUND,
-            Bytes::from_static(br#"{"error":"not found: GET /config or /healthz"}"#),
+            Bytes::from_static(br#"{"error":"not found: GET /config, /policy or /healthz"}"#),
         ),
     }
+}
+
+fn policy_report(policy: &Policy) -> serde_json::Value {
+    let limits = policy.limiter.stats();
+    let budget = policy.retry_budget.stats();
+    let shed = policy.in_flight.stats();
+    let idempotency = policy.idempotency.stats();
+    let breakers: Vec<_> = policy
+        .breakers
+        .states()
+        .into_iter()
+        .map(|(upstream, state)| {
+            json!({
+                "upstream": upstream,
+                "state": match state.circuit {
+                    Circuit::Closed => "closed",
+                    Circuit::Open => "open",
+                    Circuit::HalfOpen => "half_open",
+                },
+                "opened_total": state.opened_total,
+                "rejected_total": state.rejected_total,
+            })
+        })
+        .collect();
+    json!({
+        "rate_limits": {
+            "admitted": limits.admitted,
+            "rejected": limits.rejected,
+            "redis_failures": limits.redis_failures,
+            "fail_open_decisions": limits.fail_open_decisions,
+            "fail_closed_rejections": limits.fail_closed_rejections,
+        },
+        "breakers": breakers,
+        "retry_budget": {
+            "requests": budget.requests,
+            "retries": budget.retries,
+            "exhausted": budget.exhausted,
+            "available": budget.available,
+        },
+        "in_flight": {
+            "now": shed.in_flight,
+            "shed_global": shed.shed_global,
+            "shed_project": shed.shed_project,
+        },
+        "idempotency": {
+            "claims": idempotency.claims,
+            "replays": idempotency.replays,
+            "conflicts": idempotency.conflicts,
+            "still_in_flight": idempotency.still_in_flight,
+            "too_large": idempotency.too_large,
+            "redis_failures": idempotency.redis_failures,
+            "evicted": idempotency.evicted,
+        },
+    })
 }
 
 fn json(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
@@ -128,14 +198,25 @@ mod tests {
             reloads: 3,
             failed_reloads: 1,
         };
-        let response = handle(&get("/config"), &status);
+        let policy = Policy::new(&gateway_policy::PolicyConfig::default()).unwrap();
+        let response = handle(&get("/config"), &status, &policy);
         assert_eq!(response.status(), StatusCode::OK);
-        assert_eq!(handle(&get("/healthz"), &status).status(), StatusCode::OK);
         assert_eq!(
-            handle(&get("/nope"), &status).status(),
+            handle(&get("/healthz"), &status, &policy).status(),
+            StatusCode::OK
+        );
+        assert_eq!(
+            handle(&get("/nope"), &status, &policy).status(),
             StatusCode::NOT_FOUND
         );
         let post = Request::post("/config").body(()).unwrap();
-        assert_eq!(handle(&post, &status).status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            handle(&post, &status, &policy).status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            handle(&get("/policy"), &status, &policy).status(),
+            StatusCode::OK
+        );
     }
 }

@@ -128,6 +128,7 @@ impl RunningGateway {
                 let admin = tokio::spawn(admin::serve(
                     admin_listener,
                     reload_status.clone(),
+                    state.clone(),
                     stopped.clone(),
                 ));
                 let reloader =

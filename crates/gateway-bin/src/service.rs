@@ -1269,7 +1269,7 @@ fn rate_limit_headers(requests: Option<Quota>, tokens: Option<Quota>) -> http::H
 /// budget, so a vendor outage adds at most `budget_percent` more calls. Each call runs under
 /// its provider's deadline, cut to what is left of the request's total. Every outcome is
 /// reported to routing (health, latency, canary windows) and to the breaker.
-async fn walk_plan<T>(
+async fn walk_plan<T: AttemptReply>(
     state: &AppState,
     context: &RequestContext,
     snapshot: &Snapshot,
@@ -1286,6 +1286,7 @@ async fn walk_plan<T>(
     let attempts = plan.attempts();
     let mut calls: u32 = 0;
     let mut last_error: Option<GatewayError> = None;
+    let mut last_reply: Option<T> = None;
     for (index, attempt) in attempts.iter().enumerate() {
         let provider = snapshot
             .providers
@@ -1313,6 +1314,9 @@ async fn walk_plan<T>(
                     alias = %attempt.alias(),
                     "retry budget exhausted; not trying again"
                 );
+                if let Some(reply) = last_reply {
+                    return Ok(reply);
+                }
                 return Err(last_error.unwrap_or_else(|| {
                     GatewayError::Internal("retry budget exhausted before any call".into())
                 }));
@@ -1335,6 +1339,21 @@ async fn walk_plan<T>(
                     gateway_policy::with_deadline(provider.name(), deadline, future).await
                 }
                 Err(err) => Err(err),
+            };
+            // A vendor error relayed as a reply: judged like an error, and if nothing better
+            // comes of the rest of the plan, the client gets it as the vendor sent it.
+            let result = match result {
+                Ok(reply) => match reply.as_failure(attempt.provider()) {
+                    Some(err) if failure_class(&err) != FailureClass::Client => {
+                        last_reply = Some(reply);
+                        Err(err)
+                    }
+                    _ => Ok(reply),
+                },
+                Err(err) => {
+                    last_reply = None;
+                    Err(err)
+                }
             };
             let err = match result {
                 Ok(reply) => {
@@ -1369,7 +1388,7 @@ async fn walk_plan<T>(
                 "upstream attempt failed"
             );
             if !attempt.may_continue(class) {
-                return Err(err);
+                return last_reply.ok_or(err);
             }
             let vendor_wait = err
                 .retry_after()
@@ -1388,7 +1407,57 @@ async fn walk_plan<T>(
             tokio::time::sleep(delay).await;
         }
     }
+    if let Some(reply) = last_reply {
+        return Ok(reply);
+    }
     Err(last_error.unwrap_or_else(|| GatewayError::Internal("empty routing plan".into())))
+}
+
+/// What a successful call can still say about failure: a forwarded vendor error arrives as a
+/// reply (so the client gets the vendor's own error body), yet a 429 or 5xx must count for
+/// the breaker, the retries and the fallbacks like any other upstream error.
+trait AttemptReply {
+    /// The error this reply stands for, if it is one.
+    fn as_failure(&self, provider: &str) -> Option<GatewayError>;
+}
+
+impl AttemptReply for ChatReply {
+    fn as_failure(&self, _provider: &str) -> Option<GatewayError> {
+        None
+    }
+}
+
+impl AttemptReply for gateway_core::provider::CompleteReply {
+    fn as_failure(&self, _provider: &str) -> Option<GatewayError> {
+        None
+    }
+}
+
+impl AttemptReply for ForwardReply {
+    fn as_failure(&self, provider: &str) -> Option<GatewayError> {
+        if self.status.is_success() {
+            return None;
+        }
+        let body = match &self.body {
+            ForwardBody::Complete { bytes, .. } => bytes.clone(),
+            ForwardBody::Stream(_) => Bytes::new(),
+        };
+        Some(GatewayError::UpstreamStatus {
+            provider: provider.to_owned(),
+            status: self.status,
+            body,
+            retry_after: self.retry_after.clone(),
+        })
+    }
+}
+
+impl AttemptReply for MessagesReply {
+    fn as_failure(&self, provider: &str) -> Option<GatewayError> {
+        match self {
+            Self::Native(reply) => reply.as_failure(provider),
+            Self::Translated(reply) => reply.as_failure(provider),
+        }
+    }
 }
 
 /// A call's deadline: its provider's, cut to what is left of the request's total.

@@ -376,3 +376,65 @@ async fn past_the_in_flight_cap_requests_are_shed_at_once() {
     assert_eq!(chat(&gateway, hello(), &[]).await.status(), 200);
     gateway.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_relayed_vendor_error_is_retried_and_then_returned_as_the_vendor_sent_it() {
+    let up = std::sync::Arc::new(MockUpstream::start().await.unwrap());
+    let anthropic = format!(
+        r#"
+[[providers]]
+name = "claude-upstream"
+kind = "anthropic"
+base_urls = ["{}"]
+api_keys = ["vendor-key"]
+
+[[models]]
+alias = "claude"
+targets = [{{ provider = "claude-upstream", model = "claude-x" }}]
+
+[policy.retry]
+backoff_base_ms = 1
+backoff_max_ms = 2
+"#,
+        up.base_url()
+    );
+    let gateway = start(&up, "", &anthropic).await;
+    let messages = || {
+        reqwest::Client::new()
+            .post(format!("http://{}/v1/messages", gateway.local_addr()))
+            .header("x-api-key", KEY)
+            .header("anthropic-version", "2023-06-01")
+            .json(&json!({"model": "claude", "max_tokens": 10,
+                "messages": [{"role": "user", "content": "hi"}]}))
+    };
+    // Overloaded once, then fine: the client never sees the 529.
+    up.set_behaviour(Behaviour {
+        status: Some(529),
+        ..Behaviour::default()
+    });
+    let recover = {
+        let up = up.clone();
+        tokio::spawn(async move {
+            while up.stats().chat_requests == 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            up.set_behaviour(Behaviour::default());
+        })
+    };
+    let response = messages().send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(up.stats().chat_requests, 2);
+    recover.await.unwrap();
+
+    // Overloaded for good: three calls, then the vendor's own Anthropic error body.
+    up.set_behaviour(Behaviour {
+        status: Some(529),
+        ..Behaviour::default()
+    });
+    let response = messages().send().await.unwrap();
+    assert_eq!(response.status(), 529);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["type"], "error", "{body}");
+    assert_eq!(up.stats().chat_requests, 2 + 3);
+    gateway.shutdown().await;
+}

@@ -1,4 +1,4 @@
-//! One lazily connected Redis link shared by the limiter and the idempotency store.
+//! A lazily connected Redis link, as the limiter and the idempotency store each use one.
 //!
 //! A dead Redis must never slow a request: every command runs under a short timeout, and
 //! after a failure the link reports itself down at once for a back-off period instead of

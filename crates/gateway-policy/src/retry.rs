@@ -16,8 +16,9 @@ use tokio::time::Instant;
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
-    /// Attempts per request, the first one, retries and fallbacks to other targets together;
-    /// 1 means no retry (0 is taken as 1). Default 3.
+    /// Calls on the last target of a plan, the first one included; 1 means no retry (0 is
+    /// taken as 1). Earlier targets get one call each, since moving on to the next one is the
+    /// better retry. Every call after a request's first also needs the retry budget. Default 3.
     pub max_attempts: u32,
     /// Back-off cap before the first retry, in milliseconds; doubles with each further retry.
     /// The actual wait is drawn uniformly between 0 and the cap ("full jitter") so that
