@@ -142,6 +142,7 @@ admin_listen = "127.0.0.1:{admin}"
 
 [database]
 url = "sqlite://{workdir}/usage.db"
+spool_dir = "{workdir}/spool"
 
 [[providers]]
 name = "upstream"

@@ -307,6 +307,23 @@ fn frozen_changes(live: &GatewayConfig, new: &GatewayConfig) -> Vec<String> {
             "database.queue_capacity",
             old_db.queue_capacity != new_db.queue_capacity,
         ),
+        ("database.spool_dir", old_db.spool_dir != new_db.spool_dir),
+        (
+            "database.spool_fsync_ms",
+            old_db.spool_fsync_ms != new_db.spool_fsync_ms,
+        ),
+        (
+            "database.spool_max_bytes",
+            old_db.spool_max_bytes != new_db.spool_max_bytes,
+        ),
+        (
+            "database.spool_full",
+            old_db.spool_full != new_db.spool_full,
+        ),
+        (
+            "database.spool_segment_bytes",
+            old_db.spool_segment_bytes != new_db.spool_segment_bytes,
+        ),
     ];
     let observability = [
         (

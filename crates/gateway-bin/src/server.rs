@@ -98,13 +98,14 @@ impl RunningGateway {
         if config.observability.access_log {
             observers.push(Arc::new(AccessLog));
         }
-        observers.push(Arc::new(recorder));
+        observers.push(Arc::new(recorder.clone()));
 
         let state = Arc::new(AppState {
             snapshot: ArcSwap::from_pointee(snapshot),
             ready: false.into(),
             max_body_bytes: config.server.max_body_bytes,
             policy,
+            usage: recorder,
         });
         let reload_status = Arc::new(ArcSwap::from_pointee(ReloadStatus::new(&config.version)));
         let (stop, stopped) = watch::channel(false);

@@ -61,6 +61,8 @@ pub struct AppState {
     /// Rate limits, breakers, retry budget, idempotency, in-flight caps: process-wide state
     /// that outlives config versions.
     pub policy: Policy,
+    /// Start markers go to the usage spool, so a request cut off by a crash is still found.
+    pub usage: gateway_business::UsageRecorder,
 }
 
 /// Builds the whole stack, outermost first (see the module docs for why in this order).
@@ -1152,6 +1154,14 @@ async fn plan_route(
         .prompt_tokens
         .saturating_add(route.max_output_tokens.unwrap_or(0));
     admit(state, context, principal, snapshot, alias, reserve).await?;
+    state
+        .usage
+        .request_started(&gateway_business::StartedRequest::new(
+            context,
+            Some(principal),
+            alias,
+            route.stream,
+        ));
     Ok(plan)
 }
 

@@ -17,13 +17,31 @@ const KEY: &str = "sk-policy-test";
 
 /// A gateway in front of `up` with one alias `chat`, and `extra` appended to the config
 /// (`[policy]` tables, project limits).
-async fn start(up: &MockUpstream, project_extra: &str, extra: &str) -> RunningGateway {
+/// A running gateway and its own usage spool, removed when the test ends.
+struct Gateway {
+    inner: RunningGateway,
+    _spool: tempfile::TempDir,
+}
+
+impl Gateway {
+    fn local_addr(&self) -> std::net::SocketAddr {
+        self.inner.local_addr()
+    }
+
+    async fn shutdown(self) {
+        self.inner.shutdown().await;
+    }
+}
+
+async fn start(up: &MockUpstream, project_extra: &str, extra: &str) -> Gateway {
+    let spool = tempfile::tempdir().unwrap();
     let text = format!(
         r#"
 [server]
 listen = "127.0.0.1:0"
 [database]
 url = "sqlite::memory:"
+spool_dir = "{spool_dir}"
 [observability]
 log_level = "error"
 access_log = false
@@ -46,18 +64,22 @@ api_keys = [{{ id = "k", sha256 = "{hash}" }}]
 {extra}
 "#,
         url = up.base_url(),
-        hash = gateway_access::hash_key(KEY)
+        hash = gateway_access::hash_key(KEY),
+        spool_dir = spool.path().display(),
     );
     let config = GatewayConfig::parse(&text, &|_| None).unwrap();
-    RunningGateway::start(config).await.unwrap()
+    Gateway {
+        inner: RunningGateway::start(config).await.unwrap(),
+        _spool: spool,
+    }
 }
 
-fn url(gateway: &RunningGateway) -> String {
+fn url(gateway: &Gateway) -> String {
     format!("http://{}/v1/chat/completions", gateway.local_addr())
 }
 
 async fn chat(
-    gateway: &RunningGateway,
+    gateway: &Gateway,
     body: Value,
     headers: &[(&str, &str)],
 ) -> reqwest::Response {

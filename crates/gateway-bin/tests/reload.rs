@@ -85,6 +85,10 @@ impl Gw {
     /// fails; what follows (server, database, logging) cannot change live anyway. A reload
     /// racing an in-place write reads such a prefix.
     fn text(&self, version: &Version<'_>) -> String {
+        let spool = format!(
+            "{}.spool",
+            self.database_url.trim_start_matches("sqlite://")
+        );
         format!(
             r#"
 [[projects]]
@@ -111,6 +115,7 @@ shutdown_grace_secs = 5
 
 [database]
 url = "{database}"
+spool_dir = "{spool}"
 
 [observability]
 log_format = "text"
@@ -123,6 +128,7 @@ log_level = "warn"
             listen = version.listen,
             max_body = version.max_body_bytes,
             database = self.database_url,
+            spool = spool,
         )
     }
 
@@ -512,6 +518,7 @@ admin_listen = "127.0.0.1:0"
 
 [database]
 url = "sqlite://{db}"
+spool_dir = "{db}.spool"
 "#,
             hash = gateway_access::hash_key(CLIENT_KEY),
             upstream = upstream_url,

@@ -364,9 +364,11 @@ async fn unreachable_upstream_is_a_502() {
         .unwrap()
         .local_addr()
         .unwrap();
+    let dir = tempfile::tempdir().unwrap();
     let text = common::config_text(
         &format!("http://{dead}/v1"),
         "sqlite::memory:",
+        &dir.path().join("spool"),
         &Options::default(),
     );
     let config = gateway_bin::GatewayConfig::parse(&text, &|_| None).unwrap();

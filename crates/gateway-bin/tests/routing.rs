@@ -22,13 +22,15 @@ fn dead_url() -> String {
     format!("http://{addr}/v1")
 }
 
-async fn start(models: &str, providers: &str) -> RunningGateway {
+/// `spool` must outlive the gateway, and be its own: tests run side by side.
+async fn start(models: &str, providers: &str, spool: &std::path::Path) -> RunningGateway {
     let text = format!(
         r#"
 [server]
 listen = "127.0.0.1:0"
 [database]
 url = "sqlite::memory:"
+spool_dir = "{spool}"
 [observability]
 log_level = "error"
 {providers}
@@ -37,7 +39,8 @@ log_level = "error"
 name = "p"
 api_keys = [{{ id = "k", sha256 = "{hash}" }}]
 "#,
-        hash = gateway_access::hash_key(KEY)
+        hash = gateway_access::hash_key(KEY),
+        spool = spool.display(),
     );
     let config = GatewayConfig::parse(&text, &|_| None).unwrap();
     RunningGateway::start(config).await.unwrap()
@@ -86,7 +89,8 @@ targets = [{ provider = "dead", model = "first" }]
 fallbacks = ["backup"]
 fallback_on = ["timeout"]
 "#;
-    let gateway = start(models, &providers).await;
+    let spool = tempfile::tempdir().unwrap();
+    let gateway = start(models, &providers, spool.path()).await;
     let response = chat(&gateway, "resilient", &[]).await;
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
@@ -113,7 +117,8 @@ fallbacks = ["b"]
 alias = "b"
 targets = [{ provider = "live", model = "three" }]
 "#;
-    let gateway = start(models, &providers).await;
+    let spool = tempfile::tempdir().unwrap();
+    let gateway = start(models, &providers, spool.path()).await;
     let response = reqwest::Client::new()
         .post(format!("http://{}/v1/chat/completions", gateway.local_addr()))
         .bearer_auth(KEY)
@@ -155,7 +160,8 @@ alias = "split"
 sticky = "header:x-session"
 targets = [{ provider = "live", model = "blue", weight = 50 }, { provider = "live", model = "green", weight = 50 }]
 "#;
-    let gateway = start(models, &providers).await;
+    let spool = tempfile::tempdir().unwrap();
+    let gateway = start(models, &providers, spool.path()).await;
     let mut seen = std::collections::HashSet::new();
     for session in 0..20 {
         let session = format!("s-{session}");
@@ -197,7 +203,8 @@ min_requests = 2
 max_error_rate = 0.2
 window_secs = 60
 "#;
-    let gateway = start(models, &providers).await;
+    let spool = tempfile::tempdir().unwrap();
+    let gateway = start(models, &providers, spool.path()).await;
     for _ in 0..40 {
         // A failed canary attempt moves on to the stable target: clients never see it.
         let response = chat(&gateway, "release", &[]).await;
@@ -236,7 +243,8 @@ alias = "thrifty"
 strategy = "lowest-cost"
 targets = [{ provider = "dear", model = "big" }, { provider = "cheap", model = "small" }]
 "#;
-    let gateway = start(models, &providers).await;
+    let spool = tempfile::tempdir().unwrap();
+    let gateway = start(models, &providers, spool.path()).await;
     for _ in 0..5 {
         let body: Value = chat(&gateway, "thrifty", &[]).await.json().await.unwrap();
         assert_eq!(body["model"], "small");

@@ -1,6 +1,7 @@
 //! The usage record: one row of `usage_events`, made from a finished request's outcome.
 
 use gateway_core::FinishedRequest;
+use std::borrow::Cow;
 use std::sync::Arc;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -19,13 +20,13 @@ pub struct UsageRecord {
     pub upstream_model: Option<Arc<str>>,
     pub attempts: i32,
     pub status: i32,
-    pub error_type: Option<&'static str>,
+    pub error_type: Option<Cow<'static, str>>,
     pub input_tokens: Option<i64>,
     pub output_tokens: Option<i64>,
     pub cached_tokens: Option<i64>,
     pub reasoning_tokens: Option<i64>,
     /// `vendor` or `estimate`; `None` when no usage is known.
-    pub usage_source: Option<&'static str>,
+    pub usage_source: Option<Cow<'static, str>>,
     pub elapsed_ms: f64,
     pub ttft_ms: Option<f64>,
     pub streamed: bool,
@@ -45,9 +46,12 @@ impl UsageRecord {
         let principal = outcome.principal.as_ref();
         let usage = outcome.usage.as_ref();
         let tokens = |count: u64| i64::try_from(count).unwrap_or(i64::MAX);
-        let error_type = outcome.error_type.map(|e| e.as_str()).or(finished
-            .client_aborted
-            .then_some(gateway_core::ErrorType::ClientAborted.as_str()));
+        let error_type = outcome
+            .error_type
+            .map(|e| Cow::Borrowed(e.as_str()))
+            .or(finished.client_aborted.then_some(Cow::Borrowed(
+                gateway_core::ErrorType::ClientAborted.as_str(),
+            )));
         Some(Self {
             request_id: finished.context.id.as_uuid(),
             created_at: finished.context.received_at,
@@ -65,11 +69,11 @@ impl UsageRecord {
             cached_tokens: usage.map(|u| tokens(u.cached_tokens())),
             reasoning_tokens: usage.map(|u| tokens(u.reasoning_tokens())),
             usage_source: usage.map(|_| {
-                if outcome.usage_estimated {
+                Cow::Borrowed(if outcome.usage_estimated {
                     "estimate"
                 } else {
                     "vendor"
-                }
+                })
             }),
             elapsed_ms: millis(finished.elapsed),
             ttft_ms: outcome.time_to_first_token.map(millis),

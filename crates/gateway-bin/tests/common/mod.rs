@@ -41,8 +41,14 @@ impl Default for Options {
 }
 
 /// The gateway config of the harness. `upstream` is the mock's OpenAI base URL
-/// (`http://HOST:PORT/v1`); the Gemini and Azure bases are derived from it.
-pub fn config_text(upstream: &str, database_url: &str, options: &Options) -> String {
+/// (`http://HOST:PORT/v1`); the Gemini and Azure bases are derived from it. `spool_dir` must be
+/// the gateway's own: tests run side by side, and a spool serves one gateway at a time.
+pub fn config_text(
+    upstream: &str,
+    database_url: &str,
+    spool_dir: &std::path::Path,
+    options: &Options,
+) -> String {
     let root = upstream.trim_end_matches("/v1");
     let gemini = format!("{root}/v1beta");
     let azure = root;
@@ -55,6 +61,7 @@ shutdown_grace_secs = 5
 
 [database]
 url = "{database_url}"
+spool_dir = "{spool_dir}"
 
 [observability]
 log_format = "text"
@@ -130,6 +137,7 @@ tags = {{ team = "a", business_line = "search" }}
         max_body = options.max_body_bytes,
         timeout = options.timeout_secs,
         drain = options.stream_drain_secs,
+        spool_dir = spool_dir.display(),
         hash = gateway_access::hash_key(CLIENT_KEY),
     )
 }
@@ -146,7 +154,12 @@ impl Harness {
             .database_url
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("usage.db").display()));
-        let text = config_text(&upstream.base_url(), &database_url, &options);
+        let text = config_text(
+            &upstream.base_url(),
+            &database_url,
+            &dir.path().join("spool"),
+            &options,
+        );
         let config = GatewayConfig::parse(&text, &|_| None).unwrap();
         let gateway = RunningGateway::start(config).await.unwrap();
         let base = format!("http://{}", gateway.local_addr());
