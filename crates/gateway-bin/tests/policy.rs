@@ -78,11 +78,7 @@ fn url(gateway: &Gateway) -> String {
     format!("http://{}/v1/chat/completions", gateway.local_addr())
 }
 
-async fn chat(
-    gateway: &Gateway,
-    body: Value,
-    headers: &[(&str, &str)],
-) -> reqwest::Response {
+async fn chat(gateway: &Gateway, body: Value, headers: &[(&str, &str)]) -> reqwest::Response {
     let mut request = reqwest::Client::new().post(url(gateway)).bearer_auth(KEY);
     for (name, value) in headers {
         request = request.header(*name, *value);
