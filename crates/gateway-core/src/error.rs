@@ -27,6 +27,7 @@ pub enum ErrorType {
     ClientAborted,
     Unavailable,
     RateLimited,
+    BudgetExceeded,
     Overloaded,
     CircuitOpen,
     IdempotencyConflict,
@@ -50,6 +51,7 @@ impl ErrorType {
             Self::ClientAborted => "client_aborted",
             Self::Unavailable => "unavailable",
             Self::RateLimited => "rate_limited",
+            Self::BudgetExceeded => "budget_exceeded",
             Self::Overloaded => "overloaded",
             Self::CircuitOpen => "circuit_open",
             Self::IdempotencyConflict => "idempotency_conflict",
@@ -149,6 +151,10 @@ pub enum GatewayError {
         retry_after: Duration,
     },
 
+    /// A project's or key's spending budget for the day or month has no room for this request.
+    #[error("{message}")]
+    BudgetExceeded { message: String },
+
     #[error("This Idempotency-Key was already used with a different request body.")]
     IdempotencyConflict,
 
@@ -243,7 +249,7 @@ impl GatewayError {
             | Self::Overloaded { .. }
             | Self::PolicyUnavailable { .. }
             | Self::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. } | Self::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::IdempotencyConflict => StatusCode::UNPROCESSABLE_ENTITY,
             Self::IdempotencyInFlight { .. } => StatusCode::CONFLICT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -265,6 +271,7 @@ impl GatewayError {
             Self::UpstreamStatus { .. } | Self::UpstreamProtocol { .. } => ErrorType::UpstreamError,
             Self::ShuttingDown | Self::PolicyUnavailable { .. } => ErrorType::Unavailable,
             Self::RateLimited { .. } => ErrorType::RateLimited,
+            Self::BudgetExceeded { .. } => ErrorType::BudgetExceeded,
             Self::Overloaded { .. } => ErrorType::Overloaded,
             Self::CircuitOpen { .. } => ErrorType::CircuitOpen,
             Self::IdempotencyConflict | Self::IdempotencyInFlight { .. } => {
@@ -286,6 +293,7 @@ impl GatewayError {
             | Self::IdempotencyConflict
             | Self::IdempotencyInFlight { .. } => "invalid_request_error",
             Self::RateLimited { dimension, .. } => dimension,
+            Self::BudgetExceeded { .. } => "insufficient_quota",
             Self::Overloaded { .. } | Self::PolicyUnavailable { .. } => "service_unavailable",
             Self::CircuitOpen { .. } => "upstream_error",
             Self::UpstreamTimeout { .. } | Self::UpstreamStalled { .. } => "timeout_error",
@@ -313,6 +321,7 @@ impl GatewayError {
             Self::UpstreamProtocol { .. } => "upstream_invalid_response",
             Self::ShuttingDown => "shutting_down",
             Self::RateLimited { .. } => "rate_limit_exceeded",
+            Self::BudgetExceeded { .. } => "insufficient_quota",
             Self::Overloaded { .. } => "overloaded",
             Self::PolicyUnavailable { .. } => "service_unavailable",
             Self::CircuitOpen { .. } => "circuit_open",
@@ -388,6 +397,80 @@ mod tests {
             assert!(inner["message"].is_string(), "{body}");
             assert!(inner["type"].is_string(), "{body}");
             assert!(inner["code"].is_string(), "{body}");
+        }
+    }
+
+    #[test]
+    fn policy_errors_carry_status_code_and_retry_after() {
+        let cases = [
+            (
+                GatewayError::RateLimited {
+                    message: "slow down".into(),
+                    dimension: "tokens",
+                    retry_after: Duration::from_millis(1500),
+                    headers: Box::default(),
+                },
+                429,
+                "tokens",
+                "rate_limit_exceeded",
+                Some("2"),
+            ),
+            (
+                GatewayError::BudgetExceeded {
+                    message: "spent".into(),
+                },
+                429,
+                "insufficient_quota",
+                "insufficient_quota",
+                None,
+            ),
+            (
+                GatewayError::Overloaded {
+                    scope: "x".into(),
+                    retry_after: Duration::from_secs(1),
+                },
+                503,
+                "service_unavailable",
+                "overloaded",
+                Some("1"),
+            ),
+            (
+                GatewayError::CircuitOpen {
+                    provider: "p".into(),
+                    retry_after: Duration::from_secs(30),
+                },
+                503,
+                "upstream_error",
+                "circuit_open",
+                Some("30"),
+            ),
+            (
+                GatewayError::IdempotencyConflict,
+                422,
+                "invalid_request_error",
+                "idempotency_key_reused",
+                None,
+            ),
+            (
+                GatewayError::UpstreamStalled {
+                    provider: "p".into(),
+                    idle: Duration::from_secs(60),
+                },
+                504,
+                "timeout_error",
+                "upstream_stream_idle",
+                None,
+            ),
+        ];
+        for (err, status, kind, code, retry_after) in cases {
+            assert_eq!(err.status().as_u16(), status, "{err}");
+            let body = body_of(&err);
+            assert_eq!(body["error"]["type"], kind, "{body}");
+            assert_eq!(body["error"]["code"], code, "{body}");
+            assert_eq!(
+                err.retry_after().map(|v| v.to_str().unwrap().to_owned()),
+                retry_after.map(str::to_owned)
+            );
         }
     }
 
