@@ -23,6 +23,8 @@ pub struct Snapshot {
     /// `[policy]` of this version: limits, retries, timeouts (a reload changes them for the
     /// requests that arrive after it).
     pub policy: PolicyConfig,
+    /// `[[prices]]` of this version: billing and budget reservations price requests with it.
+    pub prices: Arc<PriceTable>,
     pub version: String,
 }
 
@@ -68,6 +70,7 @@ impl Snapshot {
                 routes,
                 providers,
                 policy: config.policy.clone(),
+                prices: Arc::new(prices),
                 version: config.version.clone(),
             }),
             _ => Err(ConfigLoadError::Invalid(errors)),
