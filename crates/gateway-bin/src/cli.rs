@@ -1,17 +1,25 @@
-//! The command line: `serve` (default), `config check`, `migrate`, `keys hash`.
+//! The command line: `serve` (default), `config check`, `migrate`, `keys hash`, and the finance
+//! commands `report`, `invoice` and `reconcile` (the work is in `gateway_business::report` and
+//! `gateway_business::reconcile`; here they are parsed and printed).
 
 use crate::config::{ConfigLoadError, GatewayConfig};
 use crate::server::RunningGateway;
 use crate::state::Snapshot;
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use gateway_business::UsageStore;
+use gateway_business::reconcile::{self, ReconcileQuery, Vendor};
+use gateway_business::report::{self, Dimension, Format, InvoiceQuery, ReportQuery};
 use gateway_core::config::ConfigError;
-use gateway_providers::UpstreamClient;
+use gateway_providers::{ProviderKind, UpstreamClient};
+use rust_decimal::Decimal;
+use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
+use time::Date;
+use time::macros::format_description;
 
 #[derive(Debug, Parser)]
 #[command(name = "gateway", version, about = "An OpenAI-compatible LLM gateway")]
@@ -44,6 +52,104 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Spend over a range of days, from the ledger (`spend_daily`), grouped as asked, with a
+    /// total line. Costs are exact and kept apart per currency.
+    Report {
+        /// First day, inclusive, UTC (YYYY-MM-DD).
+        #[arg(long, value_parser = parse_day)]
+        from: Date,
+        /// Last day, inclusive, UTC (YYYY-MM-DD).
+        #[arg(long, value_parser = parse_day)]
+        to: Date,
+        /// Comma-separated, any of: project, team, business_line, provider, model, alias,
+        /// currency, day.
+        #[arg(long, value_delimiter = ',', default_value = "project")]
+        group_by: Vec<Dimension>,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
+    },
+    /// One project's month as CSV (`spend_monthly`): a line per provider, model and currency,
+    /// then a total line per currency. An empty cost means nothing there was priced.
+    Invoice {
+        #[arg(long)]
+        project: String,
+        /// YYYY-MM (UTC).
+        #[arg(long, value_parser = parse_month)]
+        month: Date,
+    },
+    /// Compare the ledger of one provider with the vendor's usage export, per day and model.
+    /// Exit 1 when a difference is beyond the tolerance, 2 on an error, 0 otherwise.
+    Reconcile {
+        /// The provider's name in the config (`[[providers]].name`).
+        #[arg(long)]
+        provider: String,
+        /// The vendor's export (CSV; OpenAI or Anthropic, told by the header). Repeat it to
+        /// give a usage export and a cost export together.
+        #[arg(long = "export", required = true)]
+        exports: Vec<PathBuf>,
+        /// Largest difference not flagged, in percent of the vendor's figure.
+        #[arg(long, default_value = "1")]
+        tolerance_percent: Decimal,
+        /// Whose export it is, when the header does not tell.
+        #[arg(long, value_enum, default_value_t = ExportFormat::Auto)]
+        export_format: ExportFormat,
+        /// First day compared (default: the exports' first).
+        #[arg(long, value_parser = parse_day)]
+        from: Option<Date>,
+        /// Last day compared (default: the exports' last).
+        #[arg(long, value_parser = parse_day)]
+        to: Option<Date>,
+        /// VENDOR_MODEL=LEDGER_MODEL: the vendor's name for a model the ledger knows by
+        /// another (a dated snapshot, say). Repeatable.
+        #[arg(long = "model-map", value_parser = parse_model_map)]
+        model_map: Vec<(String, String)>,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned columns.
+    Table,
+    Csv,
+    Json,
+}
+
+impl From<OutputFormat> for Format {
+    fn from(format: OutputFormat) -> Self {
+        match format {
+            OutputFormat::Table => Self::Table,
+            OutputFormat::Csv => Self::Csv,
+            OutputFormat::Json => Self::Json,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// Told by the header; a header that fits both goes by the provider's kind in the config.
+    Auto,
+    Openai,
+    Anthropic,
+}
+
+fn parse_day(text: &str) -> Result<Date, String> {
+    Date::parse(text, format_description!("[year]-[month]-[day]"))
+        .map_err(|err| format!("expected YYYY-MM-DD: {err}"))
+}
+
+fn parse_month(text: &str) -> Result<Date, String> {
+    parse_day(&format!("{text}-01")).map_err(|_| format!("expected YYYY-MM, got {text:?}"))
+}
+
+fn parse_model_map(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((vendor, ledger)) if !vendor.trim().is_empty() && !ledger.trim().is_empty() => {
+            Ok((vendor.trim().to_owned(), ledger.trim().to_owned()))
+        }
+        _ => Err(format!("expected VENDOR_MODEL=LEDGER_MODEL, got {text:?}")),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -85,6 +191,53 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Keys {
             command: KeysCommand::Hash { key },
         } => hash(key),
+        Command::Report {
+            from,
+            to,
+            group_by,
+            format,
+        } => {
+            let query = ReportQuery { from, to, group_by };
+            with_runtime(spend_report(&cli.config, query, format.into()))
+        }
+        Command::Invoice { project, month } => {
+            with_runtime(invoice(&cli.config, InvoiceQuery { project, month }))
+        }
+        Command::Reconcile {
+            provider,
+            exports,
+            tolerance_percent,
+            export_format,
+            from,
+            to,
+            model_map,
+            format,
+        } => {
+            let query = ReconcileQuery {
+                provider,
+                from,
+                to,
+                tolerance_percent,
+                model_map: model_map.into_iter().collect::<BTreeMap<_, _>>(),
+            };
+            let work = reconcile_exports(&cli.config, query, exports, export_format, format);
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => match runtime.block_on(work) {
+                    Ok(code) => code,
+                    Err(err) => {
+                        report(&format!("{err:#}"));
+                        ExitCode::from(2)
+                    }
+                },
+                Err(err) => {
+                    report(&format!("starting the runtime: {err}"));
+                    ExitCode::from(2)
+                }
+            }
+        }
     }
 }
 
@@ -203,6 +356,99 @@ async fn migrate(path: &Path) -> anyhow::Result<()> {
     store.close().await;
     let _ignored = writeln!(std::io::stdout(), "migrations applied");
     Ok(())
+}
+
+/// The finance commands need `[database]` (and a provider's kind) only. A vendor key that is
+/// not set in a finance user's shell must not stop them, so unset variables read as empty
+/// here; a database URL that needed one then fails to connect, which says so.
+async fn finance_store(path: &Path) -> anyhow::Result<(GatewayConfig, UsageStore)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the config {}", path.display()))?;
+    let config = GatewayConfig::parse(&text, &|name| Some(std::env::var(name).unwrap_or_default()))
+        .map_err(|err| {
+            anyhow::anyhow!(
+                "invalid config {}:\n  {}",
+                path.display(),
+                err.errors().join("\n  ")
+            )
+        })?;
+    let store = UsageStore::connect(&config.database)
+        .await
+        .context("connecting to the database")?;
+    Ok((config, store))
+}
+
+fn print(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .context("writing to stdout")
+}
+
+async fn spend_report(path: &Path, query: ReportQuery, format: Format) -> anyhow::Result<()> {
+    let (_, store) = finance_store(path).await?;
+    let result = report::report(&store, &query).await;
+    store.close().await;
+    print(&result?.render(format)?)
+}
+
+async fn invoice(path: &Path, query: InvoiceQuery) -> anyhow::Result<()> {
+    let (_, store) = finance_store(path).await?;
+    let result = report::invoice(&store, &query).await;
+    store.close().await;
+    let invoice = result?;
+    if invoice.lines.is_empty() {
+        let _ignored = writeln!(
+            std::io::stderr(),
+            "note: no usage for project {:?} in {}-{:02}",
+            invoice.project,
+            invoice.month.year(),
+            u8::from(invoice.month.month())
+        );
+    }
+    print(&invoice.to_csv()?)
+}
+
+async fn reconcile_exports(
+    path: &Path,
+    query: ReconcileQuery,
+    files: Vec<PathBuf>,
+    export_format: ExportFormat,
+    format: OutputFormat,
+) -> anyhow::Result<ExitCode> {
+    let (config, store) = finance_store(path).await?;
+    let named = match export_format {
+        ExportFormat::Auto => None,
+        ExportFormat::Openai => Some(Vendor::OpenAi),
+        ExportFormat::Anthropic => Some(Vendor::Anthropic),
+    };
+    let hint = config
+        .providers
+        .iter()
+        .find(|provider| provider.name == query.provider)
+        .and_then(|provider| match provider.kind {
+            ProviderKind::Openai => Some(Vendor::OpenAi),
+            ProviderKind::Anthropic => Some(Vendor::Anthropic),
+            _ => None,
+        });
+    let mut exports = Vec::new();
+    for file in &files {
+        let data = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        let export = reconcile::parse_export(&file.display().to_string(), &data, named, hint)?;
+        // Which columns were used goes to stderr, so stdout stays the CSV or JSON asked for.
+        let _ignored = writeln!(std::io::stderr(), "{}", export.describe());
+        exports.push(export);
+    }
+    let result = reconcile::reconcile(&store, &query, &exports).await;
+    store.close().await;
+    let reconciliation = result?;
+    print(&reconciliation.render(format.into())?)?;
+    Ok(if reconciliation.flagged() > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn hash(key: Option<String>) -> ExitCode {

@@ -12,7 +12,9 @@
 mod codec;
 mod config;
 mod prices;
+pub mod reconcile;
 mod record;
+pub mod report;
 mod shipper;
 mod spool;
 mod store;
