@@ -2,6 +2,7 @@
 //! cross-section checks only the composing crate can make.
 
 use gateway_access::{ProjectConfig, ServerConfig};
+use gateway_business::budget::{BudgetEntry, BudgetSettings};
 use gateway_business::{DatabaseConfig, PriceConfig};
 use gateway_core::config::{ConfigError, deserialize_section, interpolate_env};
 use gateway_observability::ObservabilityConfig;
@@ -23,6 +24,10 @@ pub struct GatewayConfig {
     pub models: Vec<ModelConfig>,
     pub prices: Vec<PriceConfig>,
     pub projects: Vec<ProjectConfig>,
+    /// `[[budgets]]`: daily and monthly spending limits per project or key (hot-reloaded).
+    pub budgets: Vec<BudgetEntry>,
+    /// `[budget]`: where budgets are counted; read at start.
+    pub budget: BudgetSettings,
     /// Hex SHA-256 of the file's bytes: names this config version in logs.
     pub version: String,
 }
@@ -56,7 +61,9 @@ fn format_errors(errors: &[ConfigError]) -> String {
         .join("\n")
 }
 
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 10] = [
+    "budget",
+    "budgets",
     "prices",
     "server",
     "database",
@@ -118,6 +125,8 @@ impl GatewayConfig {
         let models = array_section(&mut root, "models", &mut errors);
         let prices = array_section(&mut root, "prices", &mut errors);
         let projects = array_section(&mut root, "projects", &mut errors);
+        let budgets = array_section(&mut root, "budgets", &mut errors);
+        let budget = table_section(&mut root, "budget", &mut errors);
 
         if !errors.is_empty() {
             return Err(ConfigLoadError::Invalid(errors));
@@ -131,6 +140,8 @@ impl GatewayConfig {
             models,
             prices,
             projects,
+            budgets,
+            budget: budget.unwrap_or_default(),
             version,
         })
     }

@@ -140,6 +140,7 @@ impl Reloader {
             database: self.live.database.clone(),
             observability: self.live.observability.clone(),
             policy: new.policy.clone().keeping_frozen(&self.live.policy),
+            budget: self.live.budget.clone(),
             ..new
         };
         let snapshot = match Snapshot::build(&effective, &self.client) {
@@ -156,6 +157,14 @@ impl Reloader {
             );
         }
         self.state.policy.apply(&effective.policy);
+        if let Err(problems) = self.state.budgets.set_budgets(&effective.budgets) {
+            // Snapshot::build checked the same entries, so this cannot happen; say so if it does.
+            tracing::error!(problems = ?problems, "budgets not reloaded");
+        }
+        self.state.usage.set_prices(snapshot.prices.clone());
+        self.state
+            .usage
+            .set_projects(crate::state::project_entries(&effective.projects));
         self.state.snapshot.store(Arc::new(snapshot));
 
         let models = diff(&self.live.models, &effective.models, |m| &m.alias);
@@ -360,6 +369,9 @@ fn frozen_changes(live: &GatewayConfig, new: &GatewayConfig) -> Vec<String> {
         if differs && changed.len() == before {
             changed.push(section.to_owned());
         }
+    }
+    if live.budget != new.budget {
+        changed.push("budget".to_owned());
     }
     changed.extend(
         live.policy

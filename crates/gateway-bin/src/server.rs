@@ -8,6 +8,7 @@ use crate::service::{AppState, build_stack};
 use crate::state::Snapshot;
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
+use gateway_business::budget::Budgets;
 use gateway_business::{UsageWriter, WriterStats};
 use gateway_core::RequestObserver;
 use gateway_observability::AccessLog;
@@ -76,6 +77,8 @@ impl RunningGateway {
             .context("building the upstream HTTP client")?;
         let snapshot = Snapshot::build(&config, &client)?;
         let policy = Policy::new(&config.policy).context("starting the policy layer")?;
+        let budgets = Budgets::new(&config.budget, &config.budgets, &config.database)
+            .context("starting the budgets")?;
         let listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("binding {}", config.server.listen))?;
@@ -94,6 +97,8 @@ impl RunningGateway {
         };
 
         let (recorder, writer) = UsageWriter::spawn(config.database.clone());
+        recorder.set_prices(snapshot.prices.clone());
+        recorder.set_projects(crate::state::project_entries(&config.projects));
         let mut observers: Vec<Arc<dyn RequestObserver>> = Vec::new();
         if config.observability.access_log {
             observers.push(Arc::new(AccessLog));
@@ -105,6 +110,7 @@ impl RunningGateway {
             ready: false.into(),
             max_body_bytes: config.server.max_body_bytes,
             policy,
+            budgets,
             usage: recorder,
         });
         let reload_status = Arc::new(ArcSwap::from_pointee(ReloadStatus::new(&config.version)));

@@ -18,6 +18,7 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
 use gateway_access::AuthLayer;
+use gateway_business::budget::BudgetError;
 use gateway_core::openai::{
     ChatCompletionRequest, EmbeddingsRequest, ModelEntry, ModelList, delta_content_chars,
 };
@@ -42,6 +43,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
+use rust_decimal::Decimal;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -61,6 +63,9 @@ pub struct AppState {
     /// Rate limits, breakers, retry budget, idempotency, in-flight caps: process-wide state
     /// that outlives config versions.
     pub policy: Policy,
+    /// `[[budgets]]`: spending reserved at admission and settled at the end, shared by
+    /// replicas through the database or Redis.
+    pub budgets: gateway_business::budget::Budgets,
     /// Start markers go to the usage spool, so a request cut off by a crash is still found.
     pub usage: gateway_business::UsageRecorder,
 }
@@ -1154,6 +1159,7 @@ async fn plan_route(
         .prompt_tokens
         .saturating_add(route.max_output_tokens.unwrap_or(0));
     admit(state, context, principal, snapshot, alias, reserve).await?;
+    reserve_budget(state, context, principal, snapshot, &plan, &route).await?;
     state
         .usage
         .request_started(&gateway_business::StartedRequest::new(
@@ -1240,6 +1246,64 @@ async fn admit(
         }),
     }
 }
+
+/// Reserves the request's most it could cost against the project's and the key's budgets:
+/// the prompt estimate at the input price plus `max_tokens` (or [`DEFAULT_OUTPUT_RESERVE`])
+/// at the output price, of the dearest target the plan may use. The reservation is settled to
+/// the real cost when the request finishes.
+async fn reserve_budget(
+    state: &AppState,
+    context: &Arc<RequestContext>,
+    principal: &Principal,
+    snapshot: &Snapshot,
+    plan: &RoutePlan,
+    route: &RouteRequest<'_>,
+) -> Result<(), GatewayError> {
+    if !state.budgets.applies(&principal.project, &principal.key_id) {
+        return Ok(());
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let million = Decimal::from(1_000_000u32);
+    let output_tokens = route.max_output_tokens.unwrap_or(DEFAULT_OUTPUT_RESERVE);
+    let max_cost = plan
+        .iter()
+        .filter_map(|attempt| {
+            snapshot
+                .prices
+                .price_on(attempt.provider(), attempt.model(), now.date())
+        })
+        .map(|price| {
+            (Decimal::from(route.prompt_tokens) * price.input_per_million
+                + Decimal::from(output_tokens) * price.output_per_million)
+                / million
+        })
+        .max()
+        .unwrap_or(Decimal::ZERO);
+    let reservation = state
+        .budgets
+        .reserve(&principal.project, &principal.key_id, max_cost, now)
+        .await
+        .map_err(|err| match err {
+            BudgetError::Exceeded { .. } => GatewayError::BudgetExceeded {
+                message: format!("Budget exceeded: {err}."),
+            },
+            BudgetError::Unavailable => GatewayError::PolicyUnavailable {
+                what: "The budget store",
+                retry_after: Duration::from_secs(1),
+            },
+        })?;
+    let prices = snapshot.prices.clone();
+    context.on_finish(move |finished| {
+        let cost = gateway_business::UsageRecord::from_finished(finished)
+            .and_then(|record| gateway_business::cost_of(&record, &prices))
+            .map_or(Decimal::ZERO, |cost| cost.amount());
+        reservation.settle_in_background(cost);
+    });
+    Ok(())
+}
+
+/// Output tokens reserved against a budget when the request sets no `max_tokens`.
+const DEFAULT_OUTPUT_RESERVE: u64 = 4096;
 
 /// OpenAI's rate-limit headers for the tightest request and token quotas.
 fn rate_limit_headers(requests: Option<Quota>, tokens: Option<Quota>) -> http::HeaderMap {

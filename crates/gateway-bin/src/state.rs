@@ -6,7 +6,7 @@
 
 use crate::config::{ConfigLoadError, GatewayConfig};
 use gateway_access::KeyStore;
-use gateway_business::PriceTable;
+use gateway_business::{KeyEntry, PriceTable, ProjectEntry};
 use gateway_core::config::ConfigError;
 use gateway_policy::PolicyConfig;
 use gateway_providers::{DynProvider, UpstreamClient, build_providers};
@@ -61,6 +61,27 @@ impl Snapshot {
                 }
             }
         }
+        errors.extend(gateway_business::budget::check_settings(&config.budget));
+        if let Err(mut problems) = gateway_business::budget::BudgetTable::build(&config.budgets) {
+            errors.append(&mut problems);
+        }
+        for (index, budget) in config.budgets.iter().enumerate() {
+            let Some(project) = config.projects.iter().find(|p| p.name == budget.project) else {
+                errors.push(ConfigError::new(
+                    format!("budgets[{index}].project"),
+                    format!("no project named `{}` in [[projects]]", budget.project),
+                ));
+                continue;
+            };
+            if let Some(key) = &budget.key
+                && !project.api_keys.iter().any(|k| &k.id == key)
+            {
+                errors.push(ConfigError::new(
+                    format!("budgets[{index}].key"),
+                    format!("project `{}` has no key with id `{key}`", project.name),
+                ));
+            }
+        }
         if config.server.max_body_bytes == 0 {
             errors.push(ConfigError::new("server.max_body_bytes", "must be above 0"));
         }
@@ -89,4 +110,23 @@ impl CostLookup for PriceCosts<'_> {
             .round()
             .to_u64()
     }
+}
+
+/// The projects and key hashes of the config, for the billing tables (`projects`, `api_keys`).
+pub fn project_entries(projects: &[gateway_access::ProjectConfig]) -> Vec<ProjectEntry> {
+    projects
+        .iter()
+        .map(|project| ProjectEntry {
+            name: project.name.clone(),
+            tags_json: serde_json::to_string(&project.tags).unwrap_or_else(|_| "{}".into()),
+            keys: project
+                .api_keys
+                .iter()
+                .map(|key| KeyEntry {
+                    key_id: key.id.clone(),
+                    sha256: key.sha256.clone(),
+                })
+                .collect(),
+        })
+        .collect()
 }

@@ -5,9 +5,16 @@
 //! rather than by a library's version. Every payload begins with its kind, the time it was
 //! spooled and the request id, which recovery reads without decoding the rest. A spool written
 //! by another layout is recognised by its kind byte and skipped, never misread.
+//!
+//! A record's billing fields (cache-write tokens, cost and the price row) follow the first
+//! layout as a tagged block: a record spooled before they existed ends without it and is
+//! read with no cost, so an upgrade ships what the previous version spooled.
 
+use crate::cost::Cost;
+use crate::prices::PriceConfig;
 use crate::record::UsageRecord;
 use gateway_core::{Principal, RequestContext};
+use rust_decimal::Decimal;
 use std::borrow::Cow;
 use std::sync::Arc;
 use time::OffsetDateTime;
@@ -101,7 +108,14 @@ pub(crate) enum DecodeError {
     WrongKind { expected: &'static str, found: Kind },
     #[error("{0} bytes left over")]
     Trailing(usize),
+    #[error("unknown record extension {0}")]
+    UnknownExtension(u8),
+    #[error("invalid cost")]
+    Cost,
 }
+
+/// Tag of the billing block that follows a record's first layout. On disk: never reuse it.
+const BILLING: u8 = 1;
 
 pub(crate) fn encode_record(buf: &mut Vec<u8>, kind: Kind, spooled_at: i64, record: &UsageRecord) {
     put_header(buf, kind, spooled_at, record.request_id);
@@ -130,6 +144,41 @@ pub(crate) fn encode_record(buf: &mut Vec<u8>, kind: Kind, spooled_at: i64, reco
     buf.push(u8::from(record.client_aborted));
     put_opt_str(buf, record.vendor_response_id.as_deref());
     put_opt_str(buf, record.vendor_request_id.as_deref());
+    buf.push(BILLING);
+    put_opt_i64(buf, record.cache_write_tokens);
+    match &record.cost {
+        None => buf.push(0),
+        Some(cost) => {
+            buf.push(1);
+            buf.extend_from_slice(&cost.amount().serialize());
+            let price = cost.price();
+            put_str(buf, &price.provider);
+            put_str(buf, &price.model);
+            match price.effective_from {
+                Some(day) => {
+                    buf.push(1);
+                    buf.extend_from_slice(&day.to_julian_day().to_le_bytes());
+                }
+                None => buf.push(0),
+            }
+            buf.extend_from_slice(&price.input_per_million.serialize());
+            buf.extend_from_slice(&price.output_per_million.serialize());
+            for amount in [
+                price.cached_input_per_million,
+                price.cache_write_per_million,
+                price.reasoning_per_million,
+            ] {
+                match amount {
+                    Some(amount) => {
+                        buf.push(1);
+                        buf.extend_from_slice(&amount.serialize());
+                    }
+                    None => buf.push(0),
+                }
+            }
+            put_str(buf, &price.currency);
+        }
+    }
 }
 
 pub(crate) fn encode_started(buf: &mut Vec<u8>, spooled_at: i64, started: &StartedRequest<'_>) {
@@ -157,7 +206,7 @@ pub(crate) fn decode_record(payload: &[u8]) -> Result<(Header, UsageRecord), Dec
             found: header.kind,
         });
     }
-    let record = UsageRecord {
+    let mut record = UsageRecord {
         request_id: header.request_id,
         created_at: c.time()?,
         project: c.opt_str()?.map(Arc::from),
@@ -180,7 +229,38 @@ pub(crate) fn decode_record(payload: &[u8]) -> Result<(Header, UsageRecord), Dec
         client_aborted: c.bool()?,
         vendor_response_id: c.opt_str()?.map(str::to_owned),
         vendor_request_id: c.opt_str()?.map(str::to_owned),
+        cache_write_tokens: None,
+        cost: None,
     };
+    if !c.0.is_empty() {
+        let [tag] = c.take::<1>()?;
+        if tag != BILLING {
+            return Err(DecodeError::UnknownExtension(tag));
+        }
+        record.cache_write_tokens = c.opt_i64()?;
+        if c.present()? {
+            let amount = c.decimal()?;
+            let price = PriceConfig {
+                provider: c.str()?.to_owned(),
+                model: c.str()?.to_owned(),
+                effective_from: if c.present()? {
+                    Some(
+                        time::Date::from_julian_day(i32::from_le_bytes(c.take()?))
+                            .map_err(|_| DecodeError::Time)?,
+                    )
+                } else {
+                    None
+                },
+                input_per_million: c.decimal()?,
+                output_per_million: c.decimal()?,
+                cached_input_per_million: c.opt_decimal()?,
+                cache_write_per_million: c.opt_decimal()?,
+                reasoning_per_million: c.opt_decimal()?,
+                currency: c.str()?.to_owned(),
+            };
+            record.cost = Some(Cost::new(amount, Arc::new(price)).ok_or(DecodeError::Cost)?);
+        }
+    }
     c.finish()?;
     Ok((header, record))
 }
@@ -219,6 +299,8 @@ pub(crate) fn interrupted_record(payload: &[u8]) -> Result<UsageRecord, DecodeEr
         client_aborted: false,
         vendor_response_id: None,
         vendor_request_id: None,
+        cache_write_tokens: None,
+        cost: None,
     };
     c.finish()?;
     Ok(record)
@@ -343,6 +425,18 @@ impl<'a> Cursor<'a> {
         }
     }
 
+    fn decimal(&mut self) -> Result<Decimal, DecodeError> {
+        Ok(Decimal::deserialize(self.take()?))
+    }
+
+    fn opt_decimal(&mut self) -> Result<Option<Decimal>, DecodeError> {
+        if self.present()? {
+            self.decimal().map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     fn opt_f64(&mut self) -> Result<Option<f64>, DecodeError> {
         if self.present()? {
             self.f64().map(Some)
@@ -390,6 +484,21 @@ mod tests {
             client_aborted: false,
             vendor_response_id: Some("resp-1".into()),
             vendor_request_id: None,
+            cache_write_tokens: Some(7),
+            cost: Cost::new(
+                Decimal::new(123, 6),
+                Arc::new(PriceConfig {
+                    provider: "openai".into(),
+                    model: "gpt-x".into(),
+                    input_per_million: Decimal::new(15, 2),
+                    output_per_million: Decimal::new(6, 1),
+                    cached_input_per_million: Some(Decimal::new(75, 3)),
+                    cache_write_per_million: None,
+                    reasoning_per_million: Some(Decimal::ZERO),
+                    currency: "EUR".into(),
+                    effective_from: Some(time::macros::date!(2026 - 06 - 01)),
+                }),
+            ),
         }
     }
 
@@ -403,10 +512,39 @@ mod tests {
         assert_eq!(header.spooled_at, 42);
         assert_eq!(decoded, record);
         assert_eq!(peek(&buf).unwrap(), header);
-        // Every shorter prefix is refused, never misread.
+        // Every shorter prefix is refused, never misread, except the one that ends where the
+        // first layout did: a record spooled before the billing block existed.
+        let first_layout = buf.len() - billing_block_len(&record);
         for len in 0..buf.len() {
-            assert!(decode_record(&buf[..len]).is_err(), "prefix {len}");
+            assert_eq!(
+                decode_record(&buf[..len]).is_ok(),
+                len == first_layout,
+                "prefix {len}"
+            );
         }
+        let (_, old) = decode_record(&buf[..first_layout]).unwrap();
+        assert_eq!((old.cost, old.cache_write_tokens), (None, None));
+        assert_eq!(old.vendor_response_id, record.vendor_response_id);
+
+        let unpriced = UsageRecord {
+            cost: None,
+            ..record
+        };
+        buf.clear();
+        encode_record(&mut buf, Kind::Finished, 42, &unpriced);
+        assert_eq!(decode_record(&buf).unwrap().1, unpriced);
+    }
+
+    fn billing_block_len(record: &UsageRecord) -> usize {
+        let mut with = Vec::new();
+        encode_record(&mut with, Kind::Finished, 0, record);
+        let mut first = Vec::new();
+        let mut bare = record.clone();
+        bare.cost = None;
+        bare.cache_write_tokens = None;
+        encode_record(&mut first, Kind::Finished, 0, &bare);
+        // The bare record's block is a tag, an absent count and an absent cost.
+        with.len() - (first.len() - 3)
     }
 
     #[test]

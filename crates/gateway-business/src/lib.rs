@@ -8,9 +8,16 @@
 //! and a database outage, a restart or a `kill -9` loses nothing but the last fsync window.
 //! Requests also spool a start marker; one whose finish never came (the process died) becomes
 //! an `interrupted` row at the next start.
+//!
+//! Each record is priced when it is made, from the `[[prices]]` row in force on its UTC day,
+//! in exact decimals; the row that priced it goes with it. The database keeps every price row
+//! the gateway was configured with, the projects and keys of the config, and the views finance
+//! reads (`spend_daily`, `spend_monthly`). `docs/billing.md` describes the ledger.
 
+pub mod budget;
 mod codec;
 mod config;
+mod cost;
 mod prices;
 pub mod reconcile;
 mod record;
@@ -22,7 +29,8 @@ mod writer;
 
 pub use codec::{INTERRUPTED, StartedRequest};
 pub use config::{DatabaseConfig, SpoolFullPolicy};
+pub use cost::{BilledTokens, COST_SCALE, Cost, cost_of};
 pub use prices::{PriceConfig, PriceTable};
 pub use record::UsageRecord;
-pub use store::{StoreError, UsageStore};
+pub use store::{KeyEntry, PriceSync, ProjectEntry, StoreError, StoredPrice, UsageStore};
 pub use writer::{UsageRecorder, UsageWriter, WriterStats};

@@ -8,6 +8,7 @@ use gateway_core::config::ConfigError;
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use std::collections::HashMap;
+use std::sync::Arc;
 use time::Date;
 
 /// One `[[prices]]` entry: USD (or `currency`) per million tokens.
@@ -83,17 +84,44 @@ mod optional_date {
     }
 }
 
+impl PriceConfig {
+    /// The cached-input price in force: its own, or the input price.
+    pub fn cached_input_price(&self) -> Decimal {
+        self.cached_input_per_million
+            .unwrap_or(self.input_per_million)
+    }
+
+    /// The cache-write price in force: its own, or the input price.
+    pub fn cache_write_price(&self) -> Decimal {
+        self.cache_write_per_million
+            .unwrap_or(self.input_per_million)
+    }
+
+    /// The reasoning price in force: its own, or the output price.
+    pub fn reasoning_price(&self) -> Decimal {
+        self.reasoning_per_million
+            .unwrap_or(self.output_per_million)
+    }
+}
+
 /// Every configured price, by provider and model, newest effective date first.
+///
+/// Rows are shared (`Arc`) so a usage record can name the row that priced it without copying
+/// it on the request path.
 #[derive(Debug, Default)]
 pub struct PriceTable {
-    by_target: HashMap<(String, String), Vec<PriceConfig>>,
+    /// Provider, then model: nested so a lookup borrows the names instead of allocating a key.
+    by_target: HashMap<String, HashMap<String, Vec<Arc<PriceConfig>>>>,
+    /// In config order, for syncing to the database.
+    rows: Vec<Arc<PriceConfig>>,
 }
 
 impl PriceTable {
     /// Builds the table, reporting every invalid or duplicated price with its path.
     pub fn build(prices: &[PriceConfig]) -> Result<Self, Vec<ConfigError>> {
         let mut errors = Vec::new();
-        let mut by_target: HashMap<(String, String), Vec<PriceConfig>> = HashMap::new();
+        let mut by_target: HashMap<String, HashMap<String, Vec<Arc<PriceConfig>>>> = HashMap::new();
+        let mut all = Vec::with_capacity(prices.len());
         for (index, price) in prices.iter().enumerate() {
             let path = format!("prices[{index}]");
             let amounts = [
@@ -119,7 +147,9 @@ impl PriceTable {
                 ));
             }
             let rows = by_target
-                .entry((price.provider.clone(), price.model.clone()))
+                .entry(price.provider.clone())
+                .or_default()
+                .entry(price.model.clone())
                 .or_default();
             if rows
                 .iter()
@@ -133,24 +163,40 @@ impl PriceTable {
                     ),
                 ));
             }
-            rows.push(price.clone());
+            let price = Arc::new(price.clone());
+            all.push(price.clone());
+            rows.push(price);
         }
         if !errors.is_empty() {
             return Err(errors);
         }
-        for rows in by_target.values_mut() {
+        for rows in by_target.values_mut().flat_map(HashMap::values_mut) {
             // Newest first; an undated row (always in force) sorts last.
             rows.sort_by_key(|row| std::cmp::Reverse(row.effective_from));
         }
-        Ok(Self { by_target })
+        Ok(Self {
+            by_target,
+            rows: all,
+        })
     }
 
     /// The price in force on `day` for a provider's model.
     pub fn price_on(&self, provider: &str, model: &str, day: Date) -> Option<&PriceConfig> {
+        self.row_on(provider, model, day).map(|row| &**row)
+    }
+
+    /// The row in force on `day`, shared.
+    pub fn row_on(&self, provider: &str, model: &str, day: Date) -> Option<&Arc<PriceConfig>> {
         self.by_target
-            .get(&(provider.to_owned(), model.to_owned()))?
+            .get(provider)?
+            .get(model)?
             .iter()
             .find(|row| row.effective_from.is_none_or(|from| from <= day))
+    }
+
+    /// Every row, in config order.
+    pub fn rows(&self) -> impl Iterator<Item = &PriceConfig> {
+        self.rows.iter().map(|row| &**row)
     }
 
     /// Input plus output price per million tokens today, for ranking targets by cost.
@@ -161,7 +207,7 @@ impl PriceTable {
     }
 
     pub fn len(&self) -> usize {
-        self.by_target.values().map(Vec::len).sum()
+        self.rows.len()
     }
 
     pub fn is_empty(&self) -> bool {

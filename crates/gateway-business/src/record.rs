@@ -1,5 +1,7 @@
-//! The usage record: one row of `usage_events`, made from a finished request's outcome.
+//! The usage record: one row of `usage_events`, made from a finished request's outcome and
+//! priced (`cost.rs`) before it is spooled.
 
+use crate::cost::Cost;
 use gateway_core::FinishedRequest;
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -25,6 +27,9 @@ pub struct UsageRecord {
     pub output_tokens: Option<i64>,
     pub cached_tokens: Option<i64>,
     pub reasoning_tokens: Option<i64>,
+    /// Prompt tokens written to the vendor's cache; like `cached_tokens`, part of
+    /// `input_tokens`.
+    pub cache_write_tokens: Option<i64>,
     /// `vendor` or `estimate`; `None` when no usage is known.
     pub usage_source: Option<Cow<'static, str>>,
     pub elapsed_ms: f64,
@@ -33,6 +38,9 @@ pub struct UsageRecord {
     pub client_aborted: bool,
     pub vendor_response_id: Option<String>,
     pub vendor_request_id: Option<String>,
+    /// What the request cost and the price row that made it. `None`: unknown (no usage, or no
+    /// price for the target on the request's UTC day), never a silent zero.
+    pub cost: Option<Cost>,
 }
 
 impl UsageRecord {
@@ -68,6 +76,7 @@ impl UsageRecord {
             output_tokens: usage.map(|u| tokens(u.completion_tokens)),
             cached_tokens: usage.map(|u| tokens(u.cached_tokens())),
             reasoning_tokens: usage.map(|u| tokens(u.reasoning_tokens())),
+            cache_write_tokens: usage.map(|u| tokens(u.cache_write_tokens())),
             usage_source: usage.map(|_| {
                 Cow::Borrowed(if outcome.usage_estimated {
                     "estimate"
@@ -81,7 +90,13 @@ impl UsageRecord {
             client_aborted: finished.client_aborted,
             vendor_response_id: outcome.vendor_response_id.clone(),
             vendor_request_id: outcome.vendor_request_id.clone(),
+            cost: None,
         })
+    }
+
+    /// Whether the vendor (or the gateway's estimate) reported token counts.
+    pub fn has_usage(&self) -> bool {
+        self.input_tokens.is_some() || self.output_tokens.is_some()
     }
 }
 

@@ -5,11 +5,16 @@
 //! shipped again after a crash: a record is never lost between commit and checkpoint, and
 //! never billed twice. Start markers are matched with their finishes here; the ones still open
 //! are carried in the checkpoint, so recovery knows which requests a crash cut off.
+//!
+//! The shipper also syncs the catalog (prices, projects, keys) the recorder was handed: after
+//! connecting, before each batch, and when idle. A failed sync is retried but never holds
+//! records back: a batch adds any price row it needs itself.
 
 use crate::codec::{self, Kind};
+use crate::prices::PriceConfig;
 use crate::record::UsageRecord;
 use crate::spool::{self, Checkpoint, OpenStart, OpenStarts, Pos, SEGMENT_HEADER, Tail};
-use crate::store::{StoreError, UsageStore};
+use crate::store::{PriceSync, StoreError, UsageStore};
 use crate::writer::{Ctx, RETRY_MAX, RETRY_MIN, Stop, bump, unix_ms};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -41,6 +46,14 @@ struct Shipper<'a> {
     open: OpenStarts,
     batch_size: usize,
     flush_interval: Duration,
+    /// The catalog generation last synced.
+    catalog_synced: u64,
+    /// Sync again even if the generation did not move: a batch added price rows the last
+    /// sync did not know, or the last sync failed.
+    catalog_stale: bool,
+    /// After a failed sync, none is tried before this: a database that is down is already
+    /// being retried by the batches, and each attempt can take the pool's acquire timeout.
+    catalog_retry_at: Option<Instant>,
 }
 
 pub(crate) async fn ship(ctx: &Ctx, checkpoint: Checkpoint, mut stop: Stop) {
@@ -55,13 +68,25 @@ pub(crate) async fn ship(ctx: &Ctx, checkpoint: Checkpoint, mut stop: Stop) {
         open: checkpoint.open,
         batch_size: ctx.config.batch_size.max(1),
         flush_interval: Duration::from_millis(ctx.config.flush_interval_ms),
+        catalog_synced: 0,
+        catalog_stale: false,
+        catalog_retry_at: None,
     };
+    shipper.sync_catalog().await;
     while let Some(batch) = shipper.gather(&mut stop).await {
         if !shipper.commit(batch, &mut stop).await {
             break;
         }
     }
     shipper.store.close().await;
+}
+
+/// Resolves at `at`, never when it is `None`.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Connects and migrates, retrying with backoff until told to stop: then the records wait in
@@ -119,8 +144,11 @@ impl Shipper<'_> {
                 return None;
             }
             if batch.records.is_empty() {
+                self.sync_catalog().await;
                 tokio::select! {
                     () = self.ctx.shared.durable_advanced.notified() => {}
+                    () = self.ctx.shared.catalog_changed.notified() => {}
+                    () = sleep_until_some(self.catalog_retry_at) => {}
                     () = stop.requested() => {}
                 }
                 continue;
@@ -132,6 +160,68 @@ impl Shipper<'_> {
                 () = stop.requested() => {}
             }
         }
+    }
+
+    /// Syncs the catalog the recorder was last handed, if it has not been. A failure is logged
+    /// and counted, and the sync retried later.
+    async fn sync_catalog(&mut self) {
+        let (prices, projects, generation) = {
+            let catalog = self.ctx.shared.catalog();
+            (
+                catalog.prices.clone(),
+                catalog.projects.clone(),
+                catalog.generation,
+            )
+        };
+        if generation == self.catalog_synced && !self.catalog_stale {
+            return;
+        }
+        if self.catalog_retry_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        let attempt = async {
+            let mut sync = PriceSync::default();
+            if let Some(prices) = &prices {
+                let rows: Vec<PriceConfig> = prices.rows().cloned().collect();
+                sync = self.store.sync_prices(&rows).await?;
+            }
+            if let Some(projects) = &projects {
+                self.store.sync_projects(projects).await?;
+            }
+            Ok::<_, StoreError>(sync)
+        };
+        match attempt.await {
+            Ok(sync) => {
+                if sync != PriceSync::default() {
+                    tracing::info!(
+                        added = sync.added,
+                        updated = sync.updated,
+                        "price catalog synced"
+                    );
+                }
+                self.catalog_synced = generation;
+                self.catalog_stale = false;
+                self.catalog_retry_at = None;
+            }
+            Err(err) => {
+                bump(&self.ctx.shared.counters.failed_writes, 1);
+                tracing::error!(error = %err, "syncing prices and projects to the database failed; retrying");
+                self.catalog_stale = true;
+                self.catalog_retry_at = Some(Instant::now() + RETRY_MAX);
+            }
+        }
+    }
+
+    /// Writes a batch, after the catalog it may have been priced with.
+    async fn write(&mut self, records: &[UsageRecord]) -> Result<(), StoreError> {
+        self.sync_catalog().await;
+        let (_, added) = self.store.insert_batch(records).await?;
+        if added > 0 {
+            // Rows of a config this database never saw (spooled before a restart): the next
+            // sync closes them, so only the current config's rows stay open.
+            self.catalog_stale = true;
+        }
+        Ok(())
     }
 
     /// Whether reading moved past segments the checkpoint has not: they can be removed.
@@ -281,7 +371,7 @@ impl Shipper<'_> {
         let counters = &self.ctx.shared.counters;
         if !batch.records.is_empty() {
             let mut delay = RETRY_MIN;
-            while let Err(err) = self.store.insert(&batch.records).await {
+            while let Err(err) = self.write(&batch.records).await {
                 bump(&counters.failed_writes, 1);
                 if stop.check() {
                     tracing::warn!(error = %err, records = batch.records.len(), "usage database refused records at shutdown; they stay spooled");

@@ -696,6 +696,8 @@ mod tests {
                 client_aborted: false,
                 vendor_response_id: None,
                 vendor_request_id: None,
+                cache_write_tokens: None,
+                cost: None,
             },
         );
         let good = group(&[&record, &record]);

@@ -5,18 +5,25 @@
 //! the flusher writes the buffer to the spool and fsyncs it once per `spool_fsync_ms`; the
 //! shipper (`shipper.rs`) reads what is durable into the database and moves the checkpoint
 //! after each commit. Neither disk nor database is ever waited on by a request.
+//!
+//! Each record is priced (`cost.rs`) as it is made, with the price table the bin last handed
+//! over ([`UsageRecorder::set_prices`]). Handing one over also queues the prices and projects
+//! for the shipper to sync into the database, so the request path never waits for that either.
 
 use crate::codec::{self, Kind, StartedRequest};
 use crate::config::DatabaseConfig;
+use crate::cost;
+use crate::prices::PriceTable;
 use crate::record::UsageRecord;
 use crate::shipper;
 use crate::spool::{self, ENTRY_HEADER, MAX_PAYLOAD, Pos, SEGMENT_HEADER, SegmentWriter};
+use crate::store::ProjectEntry;
 use gateway_core::{FinishedRequest, RequestObserver};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
@@ -28,6 +35,9 @@ pub struct WriterStats {
     pub queued: u64,
     /// Start markers accepted into the spool.
     pub started: u64,
+    /// Of the `queued` records, those with usage but no price for their provider and model on
+    /// their UTC day: their rows have a NULL cost (`spend_*.unpriced_requests`).
+    pub unpriced: u64,
     /// Rows committed to the database ("shipped"), interrupted ones included. Rows shipped
     /// just before a crash are shipped again after it (the database skips them), so summed
     /// over restarts this can exceed `queued`.
@@ -39,7 +49,7 @@ pub struct WriterStats {
     pub dropped: u64,
     /// Start markers refused, for the same reasons.
     pub dropped_markers: u64,
-    /// Database writes that failed (and were retried).
+    /// Database writes that failed (and were retried), catalog syncs included.
     pub failed_writes: u64,
     /// Entries (records and markers) this process wrote and fsynced to the spool, in order.
     pub durable: u64,
@@ -70,6 +80,7 @@ const SPARE_MAX: usize = 16 << 20;
 pub(crate) struct Counters {
     pub queued: AtomicU64,
     pub started: AtomicU64,
+    pub unpriced: AtomicU64,
     pub written: AtomicU64,
     pub interrupted: AtomicU64,
     pub dropped: AtomicU64,
@@ -113,9 +124,23 @@ pub(crate) struct State {
     pub opened: bool,
 }
 
+/// The config's prices and projects, waiting for the shipper to sync them into the database.
+#[derive(Debug, Default)]
+pub(crate) struct Catalog {
+    pub prices: Option<Arc<PriceTable>>,
+    pub projects: Option<Arc<[ProjectEntry]>>,
+    /// Bumped by every hand-over, so the shipper can tell whether it synced the latest.
+    pub generation: u64,
+}
+
 #[derive(Debug)]
 pub(crate) struct Shared {
     state: Mutex<State>,
+    /// What records are priced with. Read (an `Arc` clone) once per record, written on reload.
+    prices: RwLock<Arc<PriceTable>>,
+    catalog: Mutex<Catalog>,
+    /// A new catalog was handed over.
+    pub catalog_changed: Notify,
     /// The buffer went from empty to not empty.
     pub flush_wanted: Notify,
     /// More of the spool is durable (or the flusher is done).
@@ -137,6 +162,18 @@ impl Shared {
         self.lock().closed = true;
     }
 
+    pub(crate) fn catalog(&self) -> MutexGuard<'_, Catalog> {
+        self.catalog.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn queue_catalog(&self, change: impl FnOnce(&mut Catalog)) {
+        let mut catalog = self.catalog();
+        change(&mut catalog);
+        catalog.generation += 1;
+        drop(catalog);
+        self.catalog_changed.notify_one();
+    }
+
     /// Counts what is left in the buffer as lost and empties it.
     fn discard_pending(&self, reason: &'static str) {
         let mut state = self.lock();
@@ -153,7 +190,8 @@ impl Shared {
         }
     }
 
-    fn append(&self, marker: bool, encode: impl FnOnce(&mut Vec<u8>, i64)) -> bool {
+    /// `unpriced`: the entry is a record with usage and no cost, counted once accepted.
+    fn append(&self, marker: bool, unpriced: bool, encode: impl FnOnce(&mut Vec<u8>, i64)) -> bool {
         let now = unix_ms();
         let mut state = self.lock();
         let used = state.disk_bytes + state.in_flight_bytes + state.pending.len() as u64;
@@ -193,6 +231,9 @@ impl Shared {
                 },
                 1,
             );
+            if unpriced {
+                bump(&self.counters.unpriced, 1);
+            }
             if first {
                 self.flush_wanted.notify_one();
             }
@@ -255,6 +296,7 @@ impl Shared {
         WriterStats {
             queued: load(&c.queued),
             started: load(&c.started),
+            unpriced: load(&c.unpriced),
             written: load(&c.written),
             interrupted: load(&c.interrupted),
             dropped: load(&c.dropped),
@@ -326,12 +368,52 @@ pub struct UsageRecorder {
 }
 
 impl UsageRecorder {
-    /// Spools a finished request's record. `false` when it was refused (and counted in
-    /// [`WriterStats::dropped`]).
+    /// Spools a record as it is (see [`UsageRecorder::price`]). `false` when it was refused
+    /// (and counted in [`WriterStats::dropped`]); one accepted with usage and no cost is
+    /// counted in [`WriterStats::unpriced`].
     pub fn record(&self, record: &UsageRecord) -> bool {
-        self.shared.append(false, |buf, now| {
+        let unpriced = record.cost.is_none() && record.has_usage();
+        self.shared.append(false, unpriced, |buf, now| {
             codec::encode_record(buf, Kind::Finished, now, record);
         })
+    }
+
+    /// Sets the record's cost from the prices in force (the last [`UsageRecorder::set_prices`]);
+    /// `None` when it has no usage or its target has no price on its UTC day. Returns whether
+    /// it is priced.
+    pub fn price(&self, record: &mut UsageRecord) -> bool {
+        let prices = self
+            .shared
+            .prices
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        record.cost = cost::cost_of(record, &prices);
+        record.cost.is_some()
+    }
+
+    /// Makes `prices` the ones records are priced with from now on, and queues them for the
+    /// database's `prices` table (synced by the shipper, in the background). Call it at start
+    /// and after every reload; until the first call nothing is priced.
+    pub fn set_prices(&self, prices: Arc<PriceTable>) {
+        // Queued before it is used: a record priced with a row is spooled after the shipper was
+        // told about the row, so the sync comes first.
+        self.shared
+            .queue_catalog(|catalog| catalog.prices = Some(prices.clone()));
+        *self
+            .shared
+            .prices
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = prices;
+    }
+
+    /// Queues the config's projects and keys for the database's `projects` and `api_keys`
+    /// tables (synced by the shipper, in the background). Call it at start and after every
+    /// reload.
+    pub fn set_projects(&self, projects: Vec<ProjectEntry>) {
+        let projects: Arc<[ProjectEntry]> = projects.into();
+        self.shared
+            .queue_catalog(|catalog| catalog.projects = Some(projects));
     }
 
     /// Spools the start of a request that reached routing. If the gateway dies before the
@@ -339,7 +421,7 @@ impl UsageRecorder {
     /// `error_type` `interrupted`). Call it at most once per request, before its finish.
     /// `false` when it was refused (and counted in [`WriterStats::dropped_markers`]).
     pub fn request_started(&self, started: &StartedRequest<'_>) -> bool {
-        self.shared.append(true, |buf, now| {
+        self.shared.append(true, false, |buf, now| {
             codec::encode_started(buf, now, started);
         })
     }
@@ -347,7 +429,8 @@ impl UsageRecorder {
 
 impl RequestObserver for UsageRecorder {
     fn request_finished(&self, finished: &FinishedRequest<'_>) {
-        if let Some(record) = UsageRecord::from_finished(finished) {
+        if let Some(mut record) = UsageRecord::from_finished(finished) {
+            self.price(&mut record);
             self.record(&record);
         }
     }
@@ -370,6 +453,9 @@ impl UsageWriter {
     pub fn spawn(config: DatabaseConfig) -> (UsageRecorder, Self) {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
+            prices: RwLock::new(Arc::new(PriceTable::default())),
+            catalog: Mutex::new(Catalog::default()),
+            catalog_changed: Notify::new(),
             flush_wanted: Notify::new(),
             durable_advanced: Notify::new(),
             counters: Counters::default(),

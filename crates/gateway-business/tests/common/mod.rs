@@ -82,6 +82,8 @@ pub fn record(id: Uuid) -> UsageRecord {
         client_aborted: false,
         vendor_response_id: Some(format!("resp-{id}")),
         vendor_request_id: None,
+        cache_write_tokens: Some(0),
+        cost: None,
     }
 }
 
