@@ -208,6 +208,22 @@ impl RunningGateway {
                 tracing::error!(error = %err, task = name, "task failed");
             }
         }
+        // Connections are closed, but a stream the client abandoned may still be read in the
+        // background for its usage (bounded by `stream_drain_secs`). Its in-flight slot is
+        // freed only when its record is made, so wait for the slots before closing the writer,
+        // or those records would be lost.
+        let drained = tokio::time::timeout(self.grace, async {
+            while self.state.policy.in_flight.stats().in_flight > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                in_flight = self.state.policy.in_flight.stats().in_flight,
+                "requests still finishing after the grace period; their records may be lost"
+            );
+        }
         let stats = self
             .writer
             .shutdown(self.grace.max(Duration::from_secs(5)))

@@ -130,6 +130,7 @@ impl Message {
             ),
         };
         Script {
+            billing: None,
             prelude: vec![
                 named_event("message_start", &start),
                 named_event("ping", &json!({"type": "ping"})),

@@ -322,6 +322,11 @@ pub(crate) async fn handle(
     let n = shared.next_id();
     shared.update_stats(|stats| endpoint.count(stats));
     let query = parts.uri.query().map(str::to_owned);
+    let client_request_id = parts
+        .headers
+        .get("x-client-request-id")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
     let rejection = endpoint.rejection(&parts.headers, query.as_deref());
     shared.record(RecordedRequest {
         method: parts.method,
@@ -336,7 +341,7 @@ pub(crate) async fn handle(
         (Some((status, message)), _) => rejection_error(vendor, status, &message),
         (None, Ok(body)) => match endpoint.body_refusal(&body) {
             Some(message) => rejection_error(vendor, StatusCode::BAD_REQUEST, &message),
-            None => answer(shared, &endpoint, n, &body).await,
+            None => answer(shared, &endpoint, n, &body, client_request_id).await,
         },
         (None, Err(message)) => rejection_error(vendor, StatusCode::BAD_REQUEST, &message),
     };
@@ -346,7 +351,13 @@ pub(crate) async fn handle(
     response
 }
 
-async fn answer(shared: &Arc<Shared>, endpoint: &Endpoint, n: u64, body: &Value) -> Response<Body> {
+async fn answer(
+    shared: &Arc<Shared>,
+    endpoint: &Endpoint,
+    n: u64,
+    body: &Value,
+    client_request_id: Option<String>,
+) -> Response<Body> {
     let vendor = endpoint.vendor();
     let carrier = match endpoint {
         Endpoint::OpenAiChat | Endpoint::AzureChat { .. } => {
@@ -393,10 +404,15 @@ async fn answer(shared: &Arc<Shared>, endpoint: &Endpoint, n: u64, body: &Value)
     }
 
     match endpoint {
-        Endpoint::OpenAiChat => openai::chat(shared, n, body, &behaviour, None),
-        Endpoint::AzureChat { deployment } => {
-            openai::chat(shared, n, body, &behaviour, Some(deployment))
-        }
+        Endpoint::OpenAiChat => openai::chat(shared, n, body, &behaviour, None, client_request_id),
+        Endpoint::AzureChat { deployment } => openai::chat(
+            shared,
+            n,
+            body,
+            &behaviour,
+            Some(deployment),
+            client_request_id,
+        ),
         Endpoint::OpenAiEmbeddings => openai::embeddings(body, None),
         Endpoint::AzureEmbeddings { deployment } => openai::embeddings(body, Some(deployment)),
         Endpoint::AnthropicMessages => anthropic::messages(shared, n, body, &behaviour),

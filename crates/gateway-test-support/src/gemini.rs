@@ -102,6 +102,7 @@ impl Answer<'_> {
             }
         };
         Script {
+            billing: None,
             prelude: Vec::new(),
             content,
             trailer: Vec::new(),

@@ -272,4 +272,4 @@ mod stream;
 
 pub use behaviour::Behaviour;
 pub use media::IMAGE_PNG_BASE64;
-pub use server::{MockStats, MockUpstream, RecordedRequest};
+pub use server::{BilledUsage, MockStats, MockUpstream, RecordedRequest};

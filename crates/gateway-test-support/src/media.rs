@@ -153,6 +153,7 @@ pub(crate) fn speech(shared: &Arc<Shared>, body: &Value, behaviour: &Behaviour) 
         ..behaviour.clone()
     };
     let script = Script {
+        billing: None,
         prelude: Vec::new(),
         content: audio
             .chunks(SPEECH_BYTES / SPEECH_FRAMES)

@@ -6,7 +6,7 @@ use crate::endpoint::{has_type, openai_error_body};
 use crate::reply::{
     Reply, TOOL_ARGUMENT_FRAGMENTS, ToolRequest, embedding, tokens_for_chars, tool_arguments,
 };
-use crate::server::{Body, Shared, json_response};
+use crate::server::{BilledUsage, Body, Shared, json_response};
 use crate::stream::{Script, data_event, stream_response};
 use bytes::Bytes;
 use http::{Response, StatusCode};
@@ -21,6 +21,7 @@ pub(crate) fn chat(
     body: &Value,
     behaviour: &Behaviour,
     deployment: Option<&str>,
+    client_request_id: Option<String>,
 ) -> Response<Body> {
     let reply = Reply::new(
         shared,
@@ -34,14 +35,23 @@ pub(crate) fn chat(
         None => body.get("model").cloned().unwrap_or(Value::Null),
     };
     let completion = Completion::new(reply, model);
-    if body.get("stream").and_then(Value::as_bool) == Some(true) {
+    let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
+    let billed = BilledUsage {
+        upstream_request_id: format!("req-up-{n}"),
+        client_request_id,
+        prompt_tokens: completion.reply.prompt_tokens,
+        completion_tokens: completion.reply.completion_tokens(),
+        streamed: stream,
+    };
+    if stream {
         let include_usage = body
             .pointer("/stream_options/include_usage")
             .and_then(Value::as_bool)
             == Some(true);
-        let steps = completion.script(include_usage).steps(behaviour);
+        let steps = completion.script(include_usage, billed).steps(behaviour);
         stream_response(shared, steps, behaviour)
     } else {
+        shared.bill(billed);
         json_response(StatusCode::OK, &completion.plain())
     }
 }
@@ -122,7 +132,7 @@ impl Completion {
 
     /// Role chunk (which for a tool call also names the tool), the content chunks (text
     /// pieces or argument fragments), the finish chunk, the usage chunk if asked, `[DONE]`.
-    fn script(&self, include_usage: bool) -> Script {
+    fn script(&self, include_usage: bool, billed: BilledUsage) -> Script {
         // OpenAI puts `"usage": null` on every chunk once usage was asked for.
         let null_usage = include_usage.then_some(&Value::Null);
         let delta = |delta: Value, finish: Value| {
@@ -163,7 +173,9 @@ impl Completion {
             ),
         };
         let mut trailer = vec![delta(json!({}), json!(finish))];
+        let mut billing = None;
         if include_usage {
+            billing = Some((trailer.len(), billed));
             trailer.push(data_event(&self.chunk(json!([]), Some(&self.usage))));
         }
         trailer.push(Bytes::from_static(b"data: [DONE]\n\n"));
@@ -175,6 +187,7 @@ impl Completion {
                 "mock upstream error mid-stream",
                 "server_error",
             )),
+            billing,
         }
     }
 }

@@ -188,6 +188,7 @@ impl Answer {
             }),
         );
         Script {
+            billing: None,
             prelude,
             content,
             trailer,

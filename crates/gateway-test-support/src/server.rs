@@ -66,6 +66,38 @@ pub struct MockStats {
     /// Requests to OpenAI's pass-through endpoints (Responses, image generations, speech,
     /// transcriptions; OpenAI and Azure), rejected and malformed ones included.
     pub passthrough_requests: u64,
+    /// Ground truth for billing tests: the `prompt_tokens` the mock reported, summed over the
+    /// OpenAI and Azure chat completions whose usage it handed to the connection (see
+    /// [`BilledUsage`] for exactly what counts). Other formats are not counted.
+    pub prompt_tokens_billed: u64,
+    /// The `completion_tokens` counterpart of [`MockStats::prompt_tokens_billed`].
+    pub completion_tokens_billed: u64,
+}
+
+/// How many entries [`MockUpstream::billed`] keeps.
+const MAX_BILLED: usize = 100_000;
+
+/// One usage report the mock handed to the connection: what a vendor would bill.
+///
+/// Only OpenAI and Azure chat completions are counted (the other formats, embeddings and the
+/// pass-through endpoints are not). Counted are:
+/// - a plain (JSON) answer, when its response is built (after `delay_ms`; injected errors and
+///   refusals report no usage and are not counted);
+/// - a stream, when its usage chunk (asked with `stream_options.include_usage`) is handed to
+///   the connection. A stream without that option, one cut by `reset_after_chunks` or
+///   `stream_error_after_chunks`, or one the client dropped before the usage chunk was
+///   reached reports nothing and is not counted. A usage chunk handed to the connection is
+///   counted even if the client goes away before reading it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BilledUsage {
+    /// The mock's own id, also its `x-request-id` answer header: `req-up-<n>`.
+    pub upstream_request_id: String,
+    /// The `x-client-request-id` header of the request (the gateway sends its own request
+    /// id there), if any.
+    pub client_request_id: Option<String>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub streamed: bool,
 }
 
 /// One request to a vendor endpoint as the mock received it.
@@ -88,6 +120,7 @@ pub struct RecordedRequest {
 pub(crate) struct Shared {
     stats: Mutex<MockStats>,
     requests: Mutex<VecDeque<RecordedRequest>>,
+    billed: Mutex<VecDeque<BilledUsage>>,
     behaviour: Mutex<Behaviour>,
     /// What [`MockUpstream::reset`] returns to.
     initial_behaviour: Behaviour,
@@ -122,9 +155,23 @@ impl Shared {
         requests.push_back(request);
     }
 
+    /// Counts one usage report in the stats and the billing log.
+    pub(crate) fn bill(&self, usage: BilledUsage) {
+        self.update_stats(|stats| {
+            stats.prompt_tokens_billed += usage.prompt_tokens;
+            stats.completion_tokens_billed += usage.completion_tokens;
+        });
+        let mut billed = lock(&self.billed);
+        if billed.len() >= MAX_BILLED {
+            billed.pop_front();
+        }
+        billed.push_back(usage);
+    }
+
     fn reset(&self) {
         *lock(&self.stats) = MockStats::default();
         lock(&self.requests).clear();
+        lock(&self.billed).clear();
         *lock(&self.behaviour) = self.initial_behaviour.clone();
     }
 }
@@ -153,6 +200,7 @@ impl MockUpstream {
         let shared = Arc::new(Shared {
             stats: Mutex::default(),
             requests: Mutex::default(),
+            billed: Mutex::default(),
             behaviour: Mutex::new(behaviour.clone()),
             initial_behaviour: behaviour,
             next_id: AtomicU64::new(0),
@@ -199,6 +247,13 @@ impl MockUpstream {
     /// the pass-through endpoints; rejected ones included), oldest first. `/models`, `/health` and `/mock/*` are not kept.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         lock(&self.shared.requests).iter().cloned().collect()
+    }
+
+    /// The last 100,000 usage reports (see [`BilledUsage`]), in the order they were counted;
+    /// their sums are [`MockStats::prompt_tokens_billed`] and
+    /// [`MockStats::completion_tokens_billed`] (until the log wraps).
+    pub fn billed(&self) -> Vec<BilledUsage> {
+        lock(&self.shared.billed).iter().cloned().collect()
     }
 
     /// The behaviour of every following request (a request's own directive still wins).

@@ -6,7 +6,7 @@
 //! same whatever the vendor.
 
 use crate::behaviour::Behaviour;
-use crate::server::{Body, BoxError, Shared};
+use crate::server::{BilledUsage, Body, BoxError, Shared};
 use bytes::Bytes;
 use http::Response;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
@@ -27,10 +27,16 @@ pub(crate) struct Script {
     pub(crate) trailer: Vec<Bytes>,
     /// What `stream_error_after_chunks` sends in place of the rest.
     pub(crate) error_event: Bytes,
+    /// The index in `trailer` of the event that reports the usage, and that usage: counted
+    /// (see [`BilledUsage`]) when the event is handed to the connection. `None`: the stream
+    /// reports no usage the mock counts.
+    pub(crate) billing: Option<(usize, BilledUsage)>,
 }
 
 pub(crate) enum Step {
     Event(Bytes),
+    /// An event that reports the usage, counted when it is handed to the connection.
+    Billed(Bytes, BilledUsage),
     /// The event that completes the stream.
     Last(Bytes),
     /// The in-band error event; the stream ends cleanly after it.
@@ -56,7 +62,13 @@ impl Script {
             return steps;
         }
         steps.extend(self.content.into_iter().map(Step::Event));
-        steps.extend(self.trailer.into_iter().map(Step::Event));
+        let mut billing = self.billing;
+        for (index, event) in self.trailer.into_iter().enumerate() {
+            match billing.take_if(|(at, _)| *at == index) {
+                Some((_, usage)) => steps.push_back(Step::Billed(event, usage)),
+                None => steps.push_back(Step::Event(event)),
+            }
+        }
         if let Some(Step::Event(last)) = steps.pop_back() {
             steps.push_back(Step::Last(last));
         }
@@ -143,6 +155,10 @@ async fn next_frame(
     state.first = false;
     match step {
         Step::Event(bytes) => Some((Ok(Frame::data(bytes)), state)),
+        Step::Billed(bytes, usage) => {
+            state.guard.shared.bill(usage);
+            Some((Ok(Frame::data(bytes)), state))
+        }
         Step::Last(bytes) => {
             state.guard.ended = true;
             state
@@ -182,6 +198,7 @@ mod tests {
             content: (0..content).map(|i| Bytes::from(format!("c{i}"))).collect(),
             trailer: vec![Bytes::from_static(b"finish"), Bytes::from_static(b"done")],
             error_event: Bytes::from_static(b"error"),
+            billing: None,
         }
     }
 
@@ -190,6 +207,7 @@ mod tests {
             .iter()
             .map(|step| match step {
                 Step::Event(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                Step::Billed(bytes, _) => format!("billed:{}", String::from_utf8_lossy(bytes)),
                 Step::Last(bytes) => format!("last:{}", String::from_utf8_lossy(bytes)),
                 Step::Failure(bytes) => format!("failure:{}", String::from_utf8_lossy(bytes)),
                 Step::Reset => "reset".to_owned(),
@@ -226,5 +244,29 @@ mod tests {
             ..Behaviour::default()
         };
         assert_eq!(describe(&script(2).steps(&both)), ["role", "reset"]);
+    }
+
+    #[test]
+    fn the_usage_event_is_billed_unless_a_fault_cuts_it() {
+        let usage = BilledUsage {
+            upstream_request_id: "req-up-1".to_owned(),
+            client_request_id: None,
+            prompt_tokens: 3,
+            completion_tokens: 2,
+            streamed: true,
+        };
+        let billed = || Script {
+            billing: Some((0, usage.clone())),
+            ..script(2)
+        };
+        assert_eq!(
+            describe(&billed().steps(&Behaviour::default())),
+            ["role", "c0", "c1", "billed:finish", "last:done"]
+        );
+        let reset = Behaviour {
+            reset_after_chunks: Some(1),
+            ..Behaviour::default()
+        };
+        assert_eq!(describe(&billed().steps(&reset)), ["role", "c0", "reset"]);
     }
 }
