@@ -17,7 +17,6 @@ use crate::service::AppState;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use gateway_policy::Policy;
-use gateway_policy::breaker::Circuit;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -120,56 +119,18 @@ fn handle<B>(
 }
 
 fn policy_report(policy: &Policy) -> serde_json::Value {
-    let limits = policy.limiter.stats();
-    let budget = policy.retry_budget.stats();
-    let shed = policy.in_flight.stats();
-    let idempotency = policy.idempotency.stats();
     let breakers: Vec<_> = policy
         .breakers
         .states()
         .into_iter()
-        .map(|(upstream, state)| {
-            json!({
-                "upstream": upstream,
-                "state": match state.circuit {
-                    Circuit::Closed => "closed",
-                    Circuit::Open => "open",
-                    Circuit::HalfOpen => "half_open",
-                },
-                "opened_total": state.opened_total,
-                "rejected_total": state.rejected_total,
-            })
-        })
+        .map(|(upstream, state)| json!({"upstream": upstream, "state": state}))
         .collect();
     json!({
-        "rate_limits": {
-            "admitted": limits.admitted,
-            "rejected": limits.rejected,
-            "redis_failures": limits.redis_failures,
-            "fail_open_decisions": limits.fail_open_decisions,
-            "fail_closed_rejections": limits.fail_closed_rejections,
-        },
+        "rate_limits": policy.limiter.stats(),
         "breakers": breakers,
-        "retry_budget": {
-            "requests": budget.requests,
-            "retries": budget.retries,
-            "exhausted": budget.exhausted,
-            "available": budget.available,
-        },
-        "in_flight": {
-            "now": shed.in_flight,
-            "shed_global": shed.shed_global,
-            "shed_project": shed.shed_project,
-        },
-        "idempotency": {
-            "claims": idempotency.claims,
-            "replays": idempotency.replays,
-            "conflicts": idempotency.conflicts,
-            "still_in_flight": idempotency.still_in_flight,
-            "too_large": idempotency.too_large,
-            "redis_failures": idempotency.redis_failures,
-            "evicted": idempotency.evicted,
-        },
+        "retry_budget": policy.retry_budget.stats(),
+        "in_flight": policy.in_flight.stats(),
+        "idempotency": policy.idempotency.stats(),
     })
 }
 

@@ -606,21 +606,11 @@ async fn chat_completions(
     state: &AppState,
     received: Received,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    let Received {
-        parts,
-        body,
-        context,
-        principal,
-        snapshot,
-    } = received;
-    let chat = ChatCompletionRequest::from_json(&body)?;
+    let chat = ChatCompletionRequest::from_json(&received.body)?;
     let client_wants_usage = chat.client_wants_stream_usage();
     let plan = plan_route(
         state,
-        &context,
-        &principal,
-        &snapshot,
-        &parts.headers,
+        &received,
         RouteRequest {
             alias: &chat.model,
             stream: chat.is_stream(),
@@ -633,6 +623,9 @@ async fn chat_completions(
         },
     )
     .await?;
+    let Received {
+        context, snapshot, ..
+    } = received;
     // Moved into the last attempt; earlier attempts (fallbacks pending) get a copy.
     let mut chat = Some(chat);
     let reply = walk_plan(
@@ -680,28 +673,13 @@ async fn anthropic_messages(
     state: &AppState,
     received: Received,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    let Received {
-        parts,
-        body,
-        context,
-        principal,
-        snapshot,
-    } = received;
-    let client_headers = anthropic_headers(&parts.headers);
-    let beta = parts
-        .uri
-        .query()
-        .is_some_and(|query| query.split('&').any(|pair| pair == "beta=true"));
-    let head = RequestHead::parse(&body)?;
+    let head = RequestHead::parse(&received.body)?;
     // Anthropic clients read input tokens from `message_start`, before any vendor has counted
     // them: they get an estimate there, and the vendor's count in the final `message_delta`.
-    let estimated_input_tokens = (body.len() as u64).div_ceil(4);
+    let estimated_input_tokens = (received.body.len() as u64).div_ceil(4);
     let plan = plan_route(
         state,
-        &context,
-        &principal,
-        &snapshot,
-        &parts.headers,
+        &received,
         RouteRequest {
             alias: &head.model,
             stream: head.stream,
@@ -711,6 +689,18 @@ async fn anthropic_messages(
         },
     )
     .await?;
+    let Received {
+        parts,
+        body,
+        context,
+        snapshot,
+        ..
+    } = received;
+    let client_headers = anthropic_headers(&parts.headers);
+    let beta = parts
+        .uri
+        .query()
+        .is_some_and(|query| query.split('&').any(|pair| pair == "beta=true"));
     // Translated once, and only if some attempt needs it.
     let mut translated: Option<ChatCompletionRequest> = None;
     let reply = walk_plan(
@@ -895,29 +885,25 @@ async fn openai_passthrough(
     received: Received,
     api: NativeApi,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    let Received {
-        parts,
-        body,
-        context,
-        principal,
-        snapshot,
-    } = received;
-    let head = RequestHead::parse(&body)?;
+    let head = RequestHead::parse(&received.body)?;
     let plan = plan_route(
         state,
-        &context,
-        &principal,
-        &snapshot,
-        &parts.headers,
+        &received,
         RouteRequest {
             alias: &head.model,
             stream: head.stream,
-            prompt_tokens: (body.len() as u64).div_ceil(4),
+            prompt_tokens: (received.body.len() as u64).div_ceil(4),
             max_output_tokens: head.max_output_tokens.or(head.max_tokens),
             user: None,
         },
     )
     .await?;
+    let Received {
+        body,
+        context,
+        snapshot,
+        ..
+    } = received;
     let reply = walk_plan(
         state,
         &context,
@@ -968,14 +954,8 @@ async fn transcriptions(
     state: &AppState,
     received: Received,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    let Received {
-        parts,
-        body,
-        context,
-        principal,
-        snapshot,
-    } = received;
-    let content_type = parts
+    let content_type = received
+        .parts
         .headers
         .get(CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
@@ -987,7 +967,7 @@ async fn transcriptions(
             None,
         )
     })?;
-    let form = form_parts(body, &boundary).await?;
+    let form = form_parts(received.body.clone(), &boundary).await?;
     let model = form
         .iter()
         .find(|part| part.name == "model" && part.filename.is_none())
@@ -998,10 +978,7 @@ async fn transcriptions(
         })?;
     let plan = plan_route(
         state,
-        &context,
-        &principal,
-        &snapshot,
-        &parts.headers,
+        &received,
         RouteRequest {
             alias: &model,
             stream: false,
@@ -1011,6 +988,9 @@ async fn transcriptions(
         },
     )
     .await?;
+    let Received {
+        context, snapshot, ..
+    } = received;
     let api = NativeApi::OpenAiTranscriptions;
     let reply = walk_plan(
         state,
@@ -1120,12 +1100,17 @@ struct RouteRequest<'a> {
 /// auditable: it gets a usage record even if the alias turns out not to exist.
 async fn plan_route(
     state: &AppState,
-    context: &Arc<RequestContext>,
-    principal: &Principal,
-    snapshot: &Snapshot,
-    headers: &http::HeaderMap,
+    received: &Received,
     route: RouteRequest<'_>,
 ) -> Result<RoutePlan, GatewayError> {
+    let Received {
+        parts,
+        context,
+        principal,
+        snapshot,
+        ..
+    } = received;
+    let headers = &parts.headers;
     let alias = route.alias;
     {
         let mut outcome = context.outcome();
@@ -1158,8 +1143,8 @@ async fn plan_route(
     let reserve = route
         .prompt_tokens
         .saturating_add(route.max_output_tokens.unwrap_or(0));
-    admit(state, context, principal, snapshot, alias, reserve).await?;
-    reserve_budget(state, context, principal, snapshot, &plan, &route).await?;
+    admit(state, received, alias, reserve).await?;
+    reserve_budget(state, received, &plan, &route).await?;
     state
         .usage
         .request_started(&gateway_business::StartedRequest::new(
@@ -1176,12 +1161,16 @@ async fn plan_route(
 /// is corrected to the real usage when it finishes.
 async fn admit(
     state: &AppState,
-    context: &Arc<RequestContext>,
-    principal: &Principal,
-    snapshot: &Snapshot,
+    received: &Received,
     alias: &str,
     reserve_tokens: u64,
 ) -> Result<(), GatewayError> {
+    let Received {
+        context,
+        principal,
+        snapshot,
+        ..
+    } = received;
     let mut checks = Vec::new();
     if let Some(limit) = principal.project_rate_limit {
         checks.push(LimitCheck::new(
@@ -1253,12 +1242,16 @@ async fn admit(
 /// the real cost when the request finishes.
 async fn reserve_budget(
     state: &AppState,
-    context: &Arc<RequestContext>,
-    principal: &Principal,
-    snapshot: &Snapshot,
+    received: &Received,
     plan: &RoutePlan,
     route: &RouteRequest<'_>,
 ) -> Result<(), GatewayError> {
+    let Received {
+        context,
+        principal,
+        snapshot,
+        ..
+    } = received;
     if !state.budgets.applies(&principal.project, &principal.key_id) {
         return Ok(());
     }
@@ -1569,20 +1562,10 @@ async fn embeddings(
     state: &AppState,
     received: Received,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    let Received {
-        parts,
-        body,
-        context,
-        principal,
-        snapshot,
-    } = received;
-    let embeddings = EmbeddingsRequest::from_json(&body)?;
+    let embeddings = EmbeddingsRequest::from_json(&received.body)?;
     let plan = plan_route(
         state,
-        &context,
-        &principal,
-        &snapshot,
-        &parts.headers,
+        &received,
         RouteRequest {
             alias: &embeddings.model,
             stream: false,
@@ -1592,6 +1575,9 @@ async fn embeddings(
         },
     )
     .await?;
+    let Received {
+        context, snapshot, ..
+    } = received;
     let reply = walk_plan(
         state,
         &context,

@@ -91,7 +91,7 @@ daily_usd = "0.5"
     assert_eq!(refused["error"]["code"], "insufficient_quota", "{refused}");
     assert_eq!(refused["error"]["type"], "insufficient_quota", "{refused}");
     assert!(served >= 3, "only {served} requests fit a $0.50 budget");
-    gateway.shutdown().await;
+    let writer = gateway.shutdown().await;
 
     // The ledger: every served request priced, and the day's spending within the budget.
     let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", database.display()))
@@ -104,7 +104,7 @@ daily_usd = "0.5"
     .fetch_all(&pool)
     .await
     .unwrap();
-    assert_eq!(rows.len(), served);
+    assert_eq!(rows.len(), served, "{writer:?}");
     let mut total = Decimal::ZERO;
     for row in &rows {
         let input: i64 = row.get("input_tokens");

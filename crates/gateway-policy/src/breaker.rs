@@ -79,7 +79,8 @@ pub struct BreakerOpen {
 pub const PROBE_PENDING_RETRY_IN: Duration = Duration::from_secs(1);
 
 /// Where a breaker stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Circuit {
     Closed,
     /// Failing fast. Stays reported as open after the open period ends until the next attempt
@@ -89,7 +90,7 @@ pub enum Circuit {
 }
 
 /// A breaker as metrics and the admin API see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct BreakerState {
     pub circuit: Circuit,
     /// Times the breaker opened, reopenings after a failed probe included.

@@ -176,7 +176,7 @@ pub enum Claim {
 }
 
 /// Counters since start.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct IdempotencyStats {
     /// Claims that made the caller the owner of a tracked key.
     pub claims: u64,

@@ -366,7 +366,7 @@ impl Rejection {
 }
 
 /// Counters since the limiter was created.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct LimiterStats {
     pub admitted: u64,
     /// Rejections by a limit ([`Rejection::Limited`]).

@@ -208,7 +208,7 @@ pub struct RetryBudget {
 }
 
 /// Counters since the process started, and what the window allows now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct RetryBudgetStats {
     pub requests: u64,
     /// Withdrawals granted.

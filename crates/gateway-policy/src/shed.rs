@@ -50,7 +50,7 @@ impl std::fmt::Display for Shed {
 }
 
 /// Counters for metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ShedStats {
     pub in_flight: usize,
     pub shed_global: u64,
