@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use gateway_business::budget::Budgets;
 use gateway_business::{UsageWriter, WriterStats};
-use gateway_core::RequestObserver;
+use gateway_core::{PeerAddr, RequestObserver};
 use gateway_observability::AccessLog;
 use gateway_policy::Policy;
 use gateway_providers::UpstreamClient;
@@ -26,6 +26,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tower::ServiceExt as _;
 
 /// A gateway that is serving. Integration tests start exactly this, as `gateway serve` does.
 #[derive(Debug)]
@@ -264,7 +265,7 @@ async fn accept_loop<S>(
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _peer) = match accepted {
+                let (stream, peer) = match accepted {
                     Ok(accepted) => accepted,
                     Err(err) => {
                         // Usually out of file descriptors: back off instead of spinning.
@@ -278,7 +279,12 @@ async fn accept_loop<S>(
                 if let Err(err) = stream.set_nodelay(true) {
                     tracing::debug!(error = %err, "could not set TCP_NODELAY");
                 }
-                let service = TowerToHyperService::new(stack.clone());
+                let service = TowerToHyperService::new(stack.clone().map_request(
+                    move |mut request: http::Request<hyper::body::Incoming>| {
+                        request.extensions_mut().insert(PeerAddr(peer));
+                        request
+                    },
+                ));
                 let connection = builder
                     .serve_connection(TokioIo::new(stream), service)
                     .into_owned();

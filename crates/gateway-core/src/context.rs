@@ -49,6 +49,12 @@ impl std::fmt::Display for RequestId {
     }
 }
 
+/// The address of the connection's peer, put in the request's extensions by the server for
+/// every request. The access layer decides which address is the client's (behind a trusted
+/// load balancer it is not the peer's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
 /// The authenticated caller.
 #[derive(Debug, Clone)]
 pub struct Principal {

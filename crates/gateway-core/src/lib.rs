@@ -13,8 +13,8 @@ pub mod openai;
 pub mod provider;
 
 pub use context::{
-    FinishHold, FinishHook, FinishedRequest, Principal, RequestContext, RequestId, RequestObserver,
-    RequestOutcome,
+    FinishHold, FinishHook, FinishedRequest, PeerAddr, Principal, RequestContext, RequestId,
+    RequestObserver, RequestOutcome,
 };
 pub use error::{ErrorType, GatewayError};
 pub use limits::RateLimit;
