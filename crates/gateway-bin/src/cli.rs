@@ -353,8 +353,23 @@ async fn migrate(path: &Path) -> anyhow::Result<()> {
         .await
         .context("connecting to the database")?;
     store.migrate().await.context("applying migrations")?;
+    // The config's projects, keys and prices go in too, so finance sees the catalog before
+    // the first gateway starts (a serving gateway syncs it at start and on every reload).
+    let prices = store
+        .sync_catalog(
+            &config.prices,
+            &crate::state::project_entries(&config.projects),
+        )
+        .await
+        .context("writing the projects and prices")?;
     store.close().await;
-    let _ignored = writeln!(std::io::stdout(), "migrations applied");
+    let _ignored = writeln!(
+        std::io::stdout(),
+        "migrations applied; {} projects, {} price rows added, {} updated",
+        config.projects.len(),
+        prices.added,
+        prices.updated
+    );
     Ok(())
 }
 

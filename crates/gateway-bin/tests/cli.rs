@@ -159,7 +159,28 @@ fn migrate_creates_the_sqlite_schema() {
     let path = write(
         &dir,
         "gateway.toml",
-        "[database]\nurl = \"sqlite://data/nested/usage.db\"\n",
+        r#"
+[database]
+url = "sqlite://data/nested/usage.db"
+
+[[providers]]
+name = "up"
+kind = "mock"
+
+[[models]]
+alias = "chat"
+targets = [{ provider = "up", model = "m" }]
+
+[[prices]]
+provider = "up"
+model = "m"
+input_per_million = "0.15"
+output_per_million = "0.60"
+
+[[projects]]
+name = "finance-sees-me"
+api_keys = [{ id = "k", sha256 = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad" }]
+"#,
     );
     // Relative paths in the config resolve against the working directory.
     let output = gateway()
@@ -174,4 +195,32 @@ fn migrate_creates_the_sqlite_schema() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(dir.path().join("data/nested/usage.db").exists());
+    // The catalog is there before any gateway ran: finance can join on it.
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("1 projects, 1 price rows added"),
+        "{stdout}"
+    );
+    let database = dir.path().join("data/nested/usage.db");
+    let catalog: (String, String, String) = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async {
+            let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", database.display()))
+                .await
+                .unwrap();
+            let row = sqlx::query_as(
+                "SELECT (SELECT group_concat(name) FROM projects), \
+                 (SELECT group_concat(key_id) FROM api_keys), \
+                 (SELECT group_concat(model || '=' || CAST(input_per_million AS TEXT)) FROM prices)",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+            row
+        });
+    assert_eq!(
+        catalog,
+        ("finance-sees-me".into(), "k".into(), "m=0.15".into())
+    );
 }

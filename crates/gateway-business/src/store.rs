@@ -146,7 +146,25 @@ impl UsageStore {
     /// Applies the embedded migrations of this store's kind.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         match self {
-            Self::Sqlite(pool) => SQLITE_MIGRATIONS.run(pool).await?,
+            Self::Sqlite(pool) => {
+                // SQLite has no migration lock (Postgres takes an advisory one): when the
+                // budgets and the usage writer of one gateway, or two gateways, migrate one
+                // file at once, the loser fails on a migration the other has just applied. A
+                // moment later it finds it done; failing here would send the usage writer
+                // into its reconnect back-off and leave records in the spool for seconds.
+                let mut attempt = 0;
+                loop {
+                    match SQLITE_MIGRATIONS.run(pool).await {
+                        Ok(()) => break,
+                        Err(err) if attempt >= 4 => return Err(err.into()),
+                        Err(_) => {
+                            attempt += 1;
+                            tokio::time::sleep(std::time::Duration::from_millis(20 * attempt))
+                                .await;
+                        }
+                    }
+                }
+            }
             Self::Postgres(pool) => POSTGRES_MIGRATIONS.run(pool).await?,
         }
         Ok(())

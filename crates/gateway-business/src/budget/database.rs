@@ -89,20 +89,8 @@ impl DatabaseStore {
                     Pool::Sqlite(pool) => UsageStore::Sqlite(pool.clone()),
                     Pool::Postgres(pool) => UsageStore::Postgres(pool.clone()),
                 };
-                // SQLite has no migration lock: racing the usage writer (or another gateway on
-                // the same file), one of the two fails on a migration the other has just
-                // applied. A later attempt finds it done.
-                let mut attempt = 0;
-                loop {
-                    match store.migrate().await {
-                        Ok(()) => break Ok(()),
-                        Err(err) if attempt >= 4 => break Err(err),
-                        Err(_) => {
-                            attempt += 1;
-                            tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
-                        }
-                    }
-                }
+                // `migrate` itself retries the SQLite race with the usage writer.
+                store.migrate().await
             })
             .await?;
         Ok(())
