@@ -1,12 +1,15 @@
-//! Project keys: SHA-256 digests looked up with a constant-time comparison.
+//! Project keys: SHA-256 digests looked up with a constant-time comparison, the config's
+//! first, then the database's (`DbKeys`), which take their project's settings from here.
 
 use crate::config::ProjectConfig;
+use crate::directory::DbKeys;
 use gateway_core::config::ConfigError;
 use gateway_core::{GatewayError, Principal};
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+use std::time::SystemTime;
 use subtle::ConstantTimeEq;
 
 /// Hex SHA-256 of a secret key, as written in `[[projects]].api_keys[].sha256`.
@@ -17,7 +20,7 @@ pub fn hash_key(secret: &str) -> String {
 /// A key digest whose equality is constant-time, so even the hash-map probe that finds a key
 /// compares digests without an early exit.
 #[derive(Clone, Copy)]
-struct KeyDigest([u8; 32]);
+pub(crate) struct KeyDigest(pub(crate) [u8; 32]);
 
 impl PartialEq for KeyDigest {
     fn eq(&self, other: &Self) -> bool {
@@ -37,12 +40,25 @@ impl Hash for KeyDigest {
 #[derive(Debug, Default)]
 pub struct KeyStore {
     by_digest: HashMap<KeyDigestDebug, Principal>,
-    projects: usize,
+    /// Each project's principal without a key: what a database key of the project starts from.
+    projects: HashMap<Arc<str>, Principal>,
+    summaries: Vec<ProjectSummary>,
+}
+
+/// A project as the admin API lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ProjectSummary {
+    pub name: String,
+    /// Keys in the config (database keys are counted by the database).
+    pub config_keys: usize,
+    /// Aliases the project may use; `None`: every alias.
+    pub models: Option<Vec<String>>,
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 /// `KeyDigest` with a `Debug` that never prints the digest.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-struct KeyDigestDebug(KeyDigest);
+pub(crate) struct KeyDigestDebug(pub(crate) KeyDigest);
 
 impl std::fmt::Debug for KeyDigestDebug {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -56,6 +72,7 @@ impl KeyStore {
         let mut errors = Vec::new();
         let mut by_digest = HashMap::new();
         let mut names = HashSet::new();
+        let mut templates = HashMap::new();
         for (index, project) in projects.iter().enumerate() {
             let path = format!("projects[{index}]");
             if project.name.is_empty() {
@@ -79,6 +96,18 @@ impl KeyStore {
                 .unwrap_or_else(|_| "{}".into())
                 .into();
             let project_name: Arc<str> = project.name.as_str().into();
+            templates.insert(
+                project_name.clone(),
+                Principal {
+                    project: project_name.clone(),
+                    key_id: "".into(),
+                    allowed_models: allowed_models.clone(),
+                    tags: tags.clone(),
+                    tags_json: tags_json.clone(),
+                    project_rate_limit: project.rate_limit,
+                    key_rate_limit: None,
+                },
+            );
             let mut key_ids = HashSet::new();
             for (key_index, key) in project.api_keys.iter().enumerate() {
                 let key_path = format!("{path}.api_keys[{key_index}]");
@@ -120,9 +149,19 @@ impl KeyStore {
             }
         }
         if errors.is_empty() {
+            let summaries = projects
+                .iter()
+                .map(|project| ProjectSummary {
+                    name: project.name.clone(),
+                    config_keys: project.api_keys.len(),
+                    models: project.models.clone(),
+                    tags: project.tags.clone(),
+                })
+                .collect();
             Ok(Self {
                 by_digest,
-                projects: projects.len(),
+                projects: templates,
+                summaries,
             })
         } else {
             Err(errors)
@@ -138,19 +177,58 @@ impl KeyStore {
     }
 
     pub fn project_count(&self) -> usize {
-        self.projects
+        self.summaries.len()
     }
 
-    /// Finds the caller of a request from the key it presents.
+    /// The config's projects, in config order.
+    pub fn projects(&self) -> &[ProjectSummary] {
+        &self.summaries
+    }
+
+    /// Finds the caller of a request from the key it presents, among the config's keys only.
     pub fn authenticate(&self, headers: &http::HeaderMap) -> Result<Principal, GatewayError> {
+        self.authenticate_with(headers, None, SystemTime::now())
+    }
+
+    /// Finds the caller among the config's keys, then the database's (`db`). A database key
+    /// works only while its project is in the config, and until its `expires_at` (checked
+    /// against `now` on every request, so an expiry needs no refresh to take effect).
+    pub fn authenticate_with(
+        &self,
+        headers: &http::HeaderMap,
+        db: Option<&DbKeys>,
+        now: SystemTime,
+    ) -> Result<Principal, GatewayError> {
         let secret = presented_key(headers)?;
-        let digest = KeyDigest(Sha256::digest(secret).into());
-        self.by_digest
-            .get(&KeyDigestDebug(digest))
-            .cloned()
-            .ok_or(GatewayError::Unauthorized {
-                message: "Incorrect API key provided.",
-            })
+        let digest: [u8; 32] = Sha256::digest(secret).into();
+        if let Some(principal) = self.by_digest.get(&KeyDigestDebug(KeyDigest(digest))) {
+            return Ok(principal.clone());
+        }
+        let unknown = GatewayError::Unauthorized {
+            message: "Incorrect API key provided.",
+        };
+        let Some(key) = db.and_then(|db| db.lookup(digest)) else {
+            return Err(unknown);
+        };
+        if key.expires_at.is_some_and(|at| at <= now) {
+            return Err(GatewayError::Unauthorized {
+                message: "This API key has expired.",
+            });
+        }
+        let Some(template) = self.projects.get(key.project.as_str()) else {
+            return Err(unknown);
+        };
+        let mut principal = template.clone();
+        principal.key_id = key.key_id.as_str().into();
+        if let Some(models) = &key.models {
+            let allowed: HashSet<String> = models
+                .iter()
+                .filter(|alias| template.may_use(alias))
+                .cloned()
+                .collect();
+            principal.allowed_models = Some(Arc::new(allowed));
+        }
+        Ok(principal)
     }
 }
 

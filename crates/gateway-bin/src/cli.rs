@@ -1,4 +1,5 @@
-//! The command line: `serve` (default), `config check`, `migrate`, `keys hash`, and the finance
+//! The command line: `serve` (default), `config check`, `migrate`, `keys hash|create|list|
+//! revoke|rotate` (database keys: `gateway_business::UsageStore`'s key methods), and the finance
 //! commands `report`, `invoice` and `reconcile` (the work is in `gateway_business::report` and
 //! `gateway_business::reconcile`; here they are parsed and printed).
 
@@ -166,6 +167,47 @@ pub enum KeysCommand {
     /// Print the SHA-256 to paste into `[[projects]].api_keys`. Reads the key from stdin when
     /// it is omitted or `-`, which keeps it out of shell history.
     Hash { key: Option<String> },
+    /// Create a key in the database and print its secret, once (only its hash is stored).
+    /// Every gateway using the database accepts it within `[server] key_refresh_ms`.
+    Create {
+        /// The project (it must be in the config's [[projects]]).
+        #[arg(long)]
+        project: String,
+        /// Lifetime: 30m, 24h, 90d, 2w... Default: no expiry.
+        #[arg(long, value_parser = crate::keys::parse_span)]
+        expires: Option<Duration>,
+        /// Comma-separated aliases the key may use (within the project's). Default: the
+        /// project's.
+        #[arg(long, value_delimiter = ',')]
+        models: Option<Vec<String>>,
+        /// A label for people: who or what uses the key.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List keys (config and database ones): ids, display prefixes, status; never a secret.
+    List {
+        #[arg(long)]
+        project: Option<String>,
+        #[arg(long, value_enum, default_value_t = ListFormat::Table)]
+        format: ListFormat,
+    },
+    /// Revoke a database key: every gateway refuses it within `[server] key_refresh_ms`.
+    Revoke { key_id: String },
+    /// Replace a database key by a new one (printed once); the old one keeps working for the
+    /// grace period, then is refused.
+    Rotate {
+        key_id: String,
+        /// How long the old key stays valid: 30m, 24h, 7d...
+        #[arg(long, default_value = "24h", value_parser = crate::keys::parse_span)]
+        grace: Duration,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ListFormat {
+    /// Aligned columns.
+    Table,
+    Json,
 }
 
 pub fn run(cli: Cli) -> ExitCode {
@@ -191,6 +233,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Keys {
             command: KeysCommand::Hash { key },
         } => hash(key),
+        Command::Keys { command } => with_runtime(manage_keys(&cli.config, command)),
         Command::Report {
             from,
             to,
@@ -464,6 +507,156 @@ async fn reconcile_exports(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// `keys create|list|revoke|rotate`: the database of the config's `[database]`, migrated
+/// first so a key can be made before the gateway ever ran.
+async fn manage_keys(path: &Path, command: KeysCommand) -> anyhow::Result<()> {
+    let (config, store) = finance_store(path).await?;
+    let result = async {
+        store.migrate().await.context("applying migrations")?;
+        // What a starting gateway does: so a list made before any start shows the config's
+        // keys too, and a new key's project row exists.
+        store
+            .sync_projects(&crate::state::project_entries(&config.projects))
+            .await
+            .context("syncing the config's projects")?;
+        run_keys_command(&config, &store, command).await
+    }
+    .await;
+    store.close().await;
+    result
+}
+
+async fn run_keys_command(
+    config: &GatewayConfig,
+    store: &UsageStore,
+    command: KeysCommand,
+) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::Hash { .. } => Ok(()),
+        KeysCommand::Create {
+            project,
+            expires,
+            models,
+            name,
+        } => {
+            let keys = gateway_access::KeyStore::build(&config.projects).map_err(|errors| {
+                anyhow::anyhow!(
+                    "invalid [[projects]]: {}",
+                    errors
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )
+            })?;
+            let aliases = |alias: &str| config.models.iter().any(|model| model.alias == alias);
+            let new = crate::keys::new_key(&keys, aliases, &project, name, models, expires, "cli")
+                .map_err(|refused| anyhow::anyhow!("--{}: {}", refused.param, refused.message))?;
+            let created = store.create_key(&new).await.context("creating the key")?;
+            print_created(&created)
+        }
+        KeysCommand::List { project, format } => {
+            let keys = store
+                .list_keys(project.as_deref())
+                .await
+                .context("listing keys")?;
+            match format {
+                ListFormat::Json => print(&format!("{}\n", serde_json::to_string_pretty(&keys)?)),
+                ListFormat::Table => print(&key_table(&keys)),
+            }
+        }
+        KeysCommand::Revoke { key_id } => {
+            let key = store.revoke_key(&key_id).await?;
+            print(&format!(
+                "revoked {} (project {}) at {}\n",
+                key.key_id,
+                key.project,
+                key.revoked_at.as_deref().unwrap_or("now")
+            ))
+        }
+        KeysCommand::Rotate { key_id, grace } => {
+            let created = store.rotate_key(&key_id, grace).await?;
+            let old = store.get_key(&key_id).await?;
+            print_created(&created)?;
+            let _ignored = writeln!(
+                std::io::stderr(),
+                "the old key {} stays valid until {}",
+                old.key_id,
+                old.expires_at.as_deref().unwrap_or("-")
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The secret goes to stdout (for a pipe into a secret store); the advice to stderr.
+fn print_created(created: &gateway_business::CreatedKey) -> anyhow::Result<()> {
+    print(&format!(
+        "key_id: {}\nproject: {}\nexpires_at: {}\nsecret: {}\n",
+        created.key.key_id,
+        created.key.project,
+        created.key.expires_at.as_deref().unwrap_or("never"),
+        created.secret
+    ))?;
+    let _ignored = writeln!(
+        std::io::stderr(),
+        "the secret is shown only now: only its hash is stored"
+    );
+    Ok(())
+}
+
+fn key_table(keys: &[gateway_business::StoredKey]) -> String {
+    let header = [
+        "KEY_ID",
+        "PROJECT",
+        "SOURCE",
+        "NAME",
+        "PREFIX",
+        "STATUS",
+        "EXPIRES_AT",
+        "MODELS",
+        "CREATED_AT",
+    ];
+    let rows: Vec<[String; 9]> = keys
+        .iter()
+        .map(|key| {
+            [
+                key.key_id.clone(),
+                key.project.clone(),
+                key.source.to_owned(),
+                key.name.clone().unwrap_or_else(|| "-".into()),
+                key.display_prefix.clone().unwrap_or_else(|| "-".into()),
+                key.status.to_owned(),
+                key.expires_at.clone().unwrap_or_else(|| "-".into()),
+                key.models
+                    .as_ref()
+                    .map_or_else(|| "*".into(), |models| models.join(",")),
+                key.created_at.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(|title| title.chars().count());
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let text: Vec<String> = cells
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(text.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for row in &rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out
 }
 
 fn hash(key: Option<String>) -> ExitCode {

@@ -6,6 +6,7 @@
 mod admin;
 pub mod cli;
 pub mod config;
+mod keys;
 pub mod reload;
 pub mod server;
 pub mod service;

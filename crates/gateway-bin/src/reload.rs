@@ -297,6 +297,18 @@ fn frozen_changes(live: &GatewayConfig, new: &GatewayConfig) -> Vec<String> {
             "server.shutdown_grace_secs",
             old_server.shutdown_grace_secs != new_server.shutdown_grace_secs,
         ),
+        (
+            "server.admin_token",
+            old_server.admin_token != new_server.admin_token,
+        ),
+        (
+            "server.key_refresh_ms",
+            old_server.key_refresh_ms != new_server.key_refresh_ms,
+        ),
+        (
+            "server.auth_failures",
+            old_server.auth_failures != new_server.auth_failures,
+        ),
     ];
     let database = [
         ("database.url", old_db.url != new_db.url),

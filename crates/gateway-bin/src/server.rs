@@ -8,6 +8,7 @@ use crate::service::{AppState, build_stack};
 use crate::state::Snapshot;
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
+use gateway_access::{AuthThrottle, DbKeys};
 use gateway_business::budget::Budgets;
 use gateway_business::{UsageWriter, WriterStats};
 use gateway_core::{PeerAddr, RequestObserver};
@@ -39,6 +40,7 @@ pub struct RunningGateway {
     server: JoinHandle<()>,
     admin: Option<JoinHandle<()>>,
     reloader: Option<JoinHandle<()>>,
+    key_follower: Option<JoinHandle<()>>,
     writer: UsageWriter,
     grace: Duration,
 }
@@ -106,6 +108,7 @@ impl RunningGateway {
         }
         observers.push(Arc::new(recorder.clone()));
 
+        let store = key_store(&config);
         let state = Arc::new(AppState {
             snapshot: ArcSwap::from_pointee(snapshot),
             ready: false.into(),
@@ -113,6 +116,15 @@ impl RunningGateway {
             policy,
             budgets,
             usage: recorder,
+            db_keys: Arc::new(DbKeys::new()),
+            auth_throttle: Arc::new(AuthThrottle::new(&config.server.auth_failures)),
+            store,
+        });
+        let key_follower = state.store.clone().map(|store| {
+            tokio::spawn(state.db_keys.clone().follow(
+                Arc::new(store),
+                Duration::from_millis(config.server.key_refresh_ms),
+            ))
         });
         let reload_status = Arc::new(ArcSwap::from_pointee(ReloadStatus::new(&config.version)));
         let (stop, stopped) = watch::channel(false);
@@ -135,8 +147,11 @@ impl RunningGateway {
                 let admin_addr = admin_listener.local_addr()?;
                 let admin = tokio::spawn(admin::serve(
                     admin_listener,
-                    reload_status.clone(),
-                    state.clone(),
+                    admin::Admin::new(
+                        reload_status.clone(),
+                        state.clone(),
+                        config.server.admin_token.clone(),
+                    ),
                     stopped.clone(),
                 ));
                 let reloader =
@@ -166,6 +181,7 @@ impl RunningGateway {
             server,
             admin,
             reloader,
+            key_follower,
             writer,
             grace,
         })
@@ -198,6 +214,9 @@ impl RunningGateway {
     /// the queued usage records.
     pub async fn shutdown(self) -> WriterStats {
         self.state.ready.store(false, Ordering::Release);
+        if let Some(follower) = &self.key_follower {
+            follower.abort();
+        }
         let _ignored = self.stop.send(true);
         if let Err(err) = self.server.await {
             tracing::error!(error = %err, "server task failed");
@@ -235,6 +254,21 @@ impl RunningGateway {
             "gateway stopped"
         );
         stats
+    }
+}
+
+/// The database the key cache polls and the admin API uses, opened lazily so the gateway
+/// starts without it. An in-memory SQLite is private to each connection: nothing to share.
+fn key_store(config: &GatewayConfig) -> Option<gateway_business::UsageStore> {
+    if config.database.url.contains(":memory:") {
+        return None;
+    }
+    match gateway_business::UsageStore::connect_lazy(&config.database, 2) {
+        Ok(store) => Some(store),
+        Err(err) => {
+            tracing::warn!(error = %err, "database keys and the admin API's data are unavailable");
+            None
+        }
     }
 }
 

@@ -68,6 +68,13 @@ pub struct AppState {
     pub budgets: gateway_business::budget::Budgets,
     /// Start markers go to the usage spool, so a request cut off by a crash is still found.
     pub usage: gateway_business::UsageRecorder,
+    /// The keys created in the database, cached whole (refreshed by a task of the server).
+    pub db_keys: Arc<gateway_access::DbKeys>,
+    /// Client IPs that keep presenting bad keys are refused for a while.
+    pub auth_throttle: Arc<gateway_access::AuthThrottle>,
+    /// The database of keys, usage and budgets, for the admin API and the key cache (`None`
+    /// for an in-memory SQLite, which no other connection could see).
+    pub store: Option<gateway_business::UsageStore>,
 }
 
 /// Builds the whole stack, outermost first (see the module docs for why in this order).
@@ -78,7 +85,10 @@ pub fn build_stack(
     let dispatch = Dispatch {
         state: state.clone(),
     };
-    let auth = AuthLayer::new(PUBLIC_PATHS).layer(dispatch);
+    let auth = AuthLayer::new(PUBLIC_PATHS)
+        .with_db_keys(state.db_keys.clone())
+        .with_throttle(state.auth_throttle.clone())
+        .layer(dispatch);
     let edge = EdgeService { inner: auth, state };
     ObserveLayer::new(observers).layer(edge)
 }

@@ -25,6 +25,8 @@ pub struct Snapshot {
     pub policy: PolicyConfig,
     /// `[[prices]]` of this version: billing and budget reservations price requests with it.
     pub prices: Arc<PriceTable>,
+    /// `[[budgets]]` of this version, for the admin API's view of them.
+    pub budgets: Vec<gateway_business::budget::BudgetEntry>,
     pub version: String,
 }
 
@@ -92,6 +94,7 @@ impl Snapshot {
                 providers,
                 policy: config.policy.clone(),
                 prices: Arc::new(prices),
+                budgets: config.budgets.clone(),
                 version: config.version.clone(),
             }),
             _ => Err(ConfigLoadError::Invalid(errors)),

@@ -21,6 +21,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+/// The admin API needs a token; this one is only ever used on loopback by this test.
+const ADMIN_TOKEN: &str = "reload-test-admin-token";
 /// Comfortably above the 200 ms debounce plus a reload, yet short enough for a failing test to
 /// say so quickly.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(3);
@@ -110,6 +112,7 @@ targets = [{{ provider = "{provider}", model = "{model}" }}]
 [server]
 listen = "{listen}"
 admin_listen = "127.0.0.1:0"
+admin_token = "{ADMIN_TOKEN}"
 max_body_bytes = {max_body}
 shutdown_grace_secs = 5
 
@@ -167,6 +170,7 @@ log_level = "warn"
         let response = self
             .client
             .get(format!("{}/config", self.admin))
+            .bearer_auth(ADMIN_TOKEN)
             .send()
             .await
             .unwrap();

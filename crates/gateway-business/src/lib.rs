@@ -32,5 +32,8 @@ pub use config::{DatabaseConfig, SpoolFullPolicy};
 pub use cost::{BilledTokens, COST_SCALE, Cost, cost_of};
 pub use prices::{PriceConfig, PriceTable};
 pub use record::UsageRecord;
-pub use store::{KeyEntry, PriceSync, ProjectEntry, StoreError, StoredPrice, UsageStore};
+pub use store::{
+    CreatedKey, KeyEntry, KeyError, NewKey, PriceSync, ProjectEntry, SECRET_PREFIX, StoreError,
+    StoredKey, StoredPrice, UsageStore,
+};
 pub use writer::{UsageRecorder, UsageWriter, WriterStats};

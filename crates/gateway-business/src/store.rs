@@ -99,6 +99,9 @@ macro_rules! on_pool {
     };
 }
 
+mod keys;
+pub use keys::{CreatedKey, KeyError, NewKey, SECRET_PREFIX, StoredKey};
+
 /// The database usage records are written to.
 #[derive(Debug, Clone)]
 pub enum UsageStore {
@@ -138,6 +141,42 @@ impl UsageStore {
                 .connect(url)
                 .await?;
             Ok(Self::Postgres(pool))
+        } else {
+            Err(StoreError::UnsupportedUrl)
+        }
+    }
+
+    /// A store whose connections are opened on first use, so a gateway starts (and serves its
+    /// config keys) while the database is away. `max_connections` is the pool's size.
+    pub fn connect_lazy(config: &DatabaseConfig, max_connections: u32) -> Result<Self, StoreError> {
+        let url = config.url.as_str();
+        if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(5));
+            if let Some(parent) = options.get_filename().parent()
+                && !parent.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
+                    path: parent.display().to_string(),
+                    source,
+                })?;
+            }
+            Ok(Self::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(max_connections.max(1))
+                    .acquire_timeout(Duration::from_secs(2))
+                    .connect_lazy_with(options),
+            ))
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Ok(Self::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(max_connections.max(1))
+                    .acquire_timeout(Duration::from_secs(2))
+                    .connect_lazy(url)?,
+            ))
         } else {
             Err(StoreError::UnsupportedUrl)
         }

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod keys;
 pub mod limits;
 pub mod openai;
 pub mod provider;
@@ -17,5 +18,6 @@ pub use context::{
     RequestObserver, RequestOutcome,
 };
 pub use error::{ErrorType, GatewayError};
+pub use keys::{DirectoryKey, KeyDirectory, KeyDirectoryError, KeySet};
 pub use limits::RateLimit;
 pub use provider::UpstreamHealth;
