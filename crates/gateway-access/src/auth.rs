@@ -11,7 +11,10 @@ use crate::directory::DbKeys;
 use crate::keys::KeyStore;
 use crate::throttle::{AuthThrottle, client_ip};
 use futures_util::future::{Either, Ready, ready};
-use gateway_core::{GatewayError, RequestContext};
+use gateway_core::trace::otel::KeyValue;
+use gateway_core::trace::otel::trace::{Span as _, SpanKind, Status};
+use gateway_core::trace::{Span, attr};
+use gateway_core::{GatewayError, Principal, RequestContext};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
@@ -103,13 +106,21 @@ where
                 headers: Box::default(),
             })));
         }
-        match store.authenticate_with(
+        let context = request.extensions().get::<Arc<RequestContext>>().cloned();
+        let span = context
+            .as_ref()
+            .and_then(|context| context.start_span("auth", SpanKind::Internal));
+        let result = store.authenticate_with(
             request.headers(),
             self.db_keys.as_deref(),
             SystemTime::now(),
-        ) {
+        );
+        if let Some(span) = span {
+            end_auth_span(span, &result);
+        }
+        match result {
             Ok(principal) => {
-                if let Some(context) = request.extensions().get::<Arc<RequestContext>>() {
+                if let Some(context) = context {
                     context.outcome().principal = Some(principal.clone());
                 }
                 request.extensions_mut().insert(principal);
@@ -125,12 +136,26 @@ where
     }
 }
 
+/// The auth span says who the caller is (project and key id, never the key) or why not.
+fn end_auth_span(mut span: Span, result: &Result<Principal, GatewayError>) {
+    match result {
+        Ok(principal) => span.set_attributes([
+            KeyValue::new(attr::GATEWAY_PROJECT, principal.project.to_string()),
+            KeyValue::new(attr::GATEWAY_KEY_ID, principal.key_id.to_string()),
+        ]),
+        Err(err) => {
+            span.set_attribute(KeyValue::new(attr::ERROR_TYPE, err.error_type().as_str()));
+            span.set_status(Status::error(err.error_type().as_str()));
+        }
+    }
+    span.end();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{ApiKeyConfig, ProjectConfig};
     use crate::keys::hash_key;
-    use gateway_core::Principal;
     use tower::{ServiceExt, service_fn};
 
     fn store() -> Arc<KeyStore> {

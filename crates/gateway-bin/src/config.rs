@@ -119,7 +119,8 @@ impl GatewayConfig {
 
         let server = table_section(&mut root, "server", &mut errors);
         let database = table_section(&mut root, "database", &mut errors);
-        let observability = table_section(&mut root, "observability", &mut errors);
+        let observability: Option<ObservabilityConfig> =
+            table_section(&mut root, "observability", &mut errors);
         let policy = table_section(&mut root, "policy", &mut errors);
         let providers = array_section(&mut root, "providers", &mut errors);
         let models = array_section(&mut root, "models", &mut errors);
@@ -127,6 +128,14 @@ impl GatewayConfig {
         let projects = array_section(&mut root, "projects", &mut errors);
         let budgets = array_section(&mut root, "budgets", &mut errors);
         let budget = table_section(&mut root, "budget", &mut errors);
+        if let Some(observability) = &observability {
+            for (key, message) in observability.tracing.validate() {
+                errors.push(ConfigError::new(
+                    format!("observability.tracing.{key}"),
+                    message,
+                ));
+            }
+        }
 
         if !errors.is_empty() {
             return Err(ConfigLoadError::Invalid(errors));

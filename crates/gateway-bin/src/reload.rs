@@ -363,6 +363,7 @@ fn frozen_changes(live: &GatewayConfig, new: &GatewayConfig) -> Vec<String> {
             "observability.log_flush_interval_ms",
             old_obs.log_flush_interval_ms != new_obs.log_flush_interval_ms,
         ),
+        ("observability.tracing", old_obs.tracing != new_obs.tracing),
     ];
     let mut changed = Vec::new();
     // A key added to a section after this list was written still differs as a whole section,

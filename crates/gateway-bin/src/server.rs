@@ -43,6 +43,8 @@ pub struct RunningGateway {
     key_follower: Option<JoinHandle<()>>,
     writer: UsageWriter,
     grace: Duration,
+    /// OTLP trace export, when `[observability.tracing]` is on.
+    tracing: Option<gateway_observability::OtlpTracing>,
 }
 
 impl RunningGateway {
@@ -99,6 +101,8 @@ impl RunningGateway {
             None => None,
         };
 
+        let tracing = gateway_observability::OtlpTracing::start(&config.observability.tracing)
+            .context("starting trace export")?;
         let (recorder, writer) = UsageWriter::spawn(config.database.clone());
         recorder.set_prices(snapshot.prices.clone());
         recorder.set_projects(crate::state::project_entries(&config.projects));
@@ -128,7 +132,13 @@ impl RunningGateway {
         });
         let reload_status = Arc::new(ArcSwap::from_pointee(ReloadStatus::new(&config.version)));
         let (stop, stopped) = watch::channel(false);
-        let stack = build_stack(state.clone(), observers);
+        let stack = build_stack(
+            state.clone(),
+            observers,
+            tracing
+                .as_ref()
+                .map(gateway_observability::OtlpTracing::tracer),
+        );
         let server = tokio::spawn(accept_loop(
             listener,
             stack,
@@ -184,6 +194,7 @@ impl RunningGateway {
             key_follower,
             writer,
             grace,
+            tracing,
         })
     }
 
@@ -208,6 +219,13 @@ impl RunningGateway {
 
     pub fn usage_stats(&self) -> WriterStats {
         self.writer.stats()
+    }
+
+    /// Spans exported, dropped and lost so far, when trace export is on.
+    pub fn trace_export_stats(&self) -> Option<gateway_observability::ExportStats> {
+        self.tracing
+            .as_ref()
+            .map(gateway_observability::OtlpTracing::stats)
     }
 
     /// Stops accepting, lets in-flight requests finish within the grace period, then writes
@@ -248,6 +266,10 @@ impl RunningGateway {
             .writer
             .shutdown(self.grace.max(Duration::from_secs(5)))
             .await;
+        // Last, so the spans of the requests just finished are among those flushed.
+        if let Some(tracing) = self.tracing {
+            tracing.shutdown(self.grace).await;
+        }
         tracing::info!(
             written = stats.written,
             dropped = stats.dropped,

@@ -26,6 +26,9 @@ use gateway_core::provider::{
     ChatCall, ChatReply, EmbeddingsCall, ForwardBody, ForwardCall, ForwardChunk, ForwardReply,
     NativeApi, StreamEvent, StreamEventKind,
 };
+use gateway_core::trace::attr;
+use gateway_core::trace::otel::KeyValue;
+use gateway_core::trace::otel::trace::{Span as _, SpanKind, Status};
 use gateway_core::{
     ErrorType, FinishHold, GatewayError, Principal, RequestContext, RequestObserver,
 };
@@ -81,6 +84,7 @@ pub struct AppState {
 pub fn build_stack(
     state: Arc<AppState>,
     observers: Vec<Arc<dyn RequestObserver>>,
+    tracer: Option<Arc<gateway_core::trace::Tracer>>,
 ) -> gateway_observability::ObserveService<EdgeService<gateway_access::AuthService<Dispatch>>> {
     let dispatch = Dispatch {
         state: state.clone(),
@@ -90,7 +94,7 @@ pub fn build_stack(
         .with_throttle(state.auth_throttle.clone())
         .layer(dispatch);
     let edge = EdgeService { inner: auth, state };
-    ObserveLayer::new(observers).layer(edge)
+    ObserveLayer::new(observers).with_tracer(tracer).layer(edge)
 }
 
 const PUBLIC_PATHS: &[&str] = &["/healthz", "/readyz"];
@@ -650,6 +654,7 @@ async fn chat_completions(
             Ok(provider.chat(ChatCall {
                 request,
                 request_id: context.id,
+                trace: context.trace().upstream_headers(),
             }))
         },
     )
@@ -732,6 +737,7 @@ async fn anthropic_messages(
                     beta,
                     stream: head.stream,
                     request_id: context.id,
+                    trace: context.trace().upstream_headers(),
                 };
                 return Ok(provider
                     .forward(call)
@@ -748,6 +754,7 @@ async fn anthropic_messages(
             let call = ChatCall {
                 request,
                 request_id: context.id,
+                trace: context.trace().upstream_headers(),
             };
             Ok(provider
                 .chat(call)
@@ -930,6 +937,7 @@ async fn openai_passthrough(
                 beta: false,
                 stream: head.stream,
                 request_id: context.id,
+                trace: context.trace().upstream_headers(),
             }))
         },
     )
@@ -1018,6 +1026,7 @@ async fn transcriptions(
                 beta: false,
                 stream: false,
                 request_id: context.id,
+                trace: context.trace().upstream_headers(),
             }))
         },
     )
@@ -1104,11 +1113,50 @@ struct RouteRequest<'a> {
     user: Option<&'a str>,
 }
 
+/// [`plan_route_untraced`] under the request's `routing` span, which names the alias asked
+/// for and the plan made (or why there is none).
+async fn plan_route(
+    state: &AppState,
+    received: &Received,
+    route: RouteRequest<'_>,
+) -> Result<RoutePlan, GatewayError> {
+    let Some(mut span) = received.context.start_span("routing", SpanKind::Internal) else {
+        return plan_route_untraced(state, received, route).await;
+    };
+    // The alias asked for; the outcome's alias may become a fallback's.
+    let asked = KeyValue::new(attr::GEN_AI_REQUEST_MODEL, route.alias.to_owned());
+    if let Some(trace) = received.context.trace().active() {
+        trace.root().set_attribute(asked.clone());
+    }
+    span.set_attribute(asked);
+    let result = plan_route_untraced(state, received, route).await;
+    match &result {
+        Ok(plan) => {
+            span.set_attribute(KeyValue::new(
+                attr::GATEWAY_ROUTE_TARGETS,
+                i64::try_from(plan.len()).unwrap_or(i64::MAX),
+            ));
+            if let Some(first) = plan.attempts().first() {
+                span.set_attributes([
+                    KeyValue::new(attr::GEN_AI_PROVIDER_NAME, first.provider().to_string()),
+                    KeyValue::new(attr::GEN_AI_RESPONSE_MODEL, first.model().to_string()),
+                ]);
+            }
+        }
+        Err(err) => {
+            span.set_attribute(KeyValue::new(attr::ERROR_TYPE, err.error_type().as_str()));
+            span.set_status(Status::error(err.error_type().as_str()));
+        }
+    }
+    span.end();
+    result
+}
+
 /// Routing for every endpoint: the caller's plan for the alias (first choice, the alias's other
 /// usable targets, then its fallbacks), noted in the request's outcome, and admission by the
 /// rate limits of the project, the key and the alias. From here on the request is billable or
 /// auditable: it gets a usage record even if the alias turns out not to exist.
-async fn plan_route(
+async fn plan_route_untraced(
     state: &AppState,
     received: &Received,
     route: RouteRequest<'_>,
@@ -1364,6 +1412,7 @@ async fn walk_plan<T: AttemptReply>(
     let mut calls: u32 = 0;
     let mut last_error: Option<GatewayError> = None;
     let mut last_reply: Option<T> = None;
+    let mut previous_failure: Option<FailureClass> = None;
     for (index, attempt) in attempts.iter().enumerate() {
         let provider = snapshot
             .providers
@@ -1407,6 +1456,10 @@ async fn walk_plan<T: AttemptReply>(
                 outcome.upstream_model = Some(attempt.model().clone());
                 outcome.attempts = calls;
             }
+            let mut span = attempt_span(context, attempt, calls, calls_here, previous_failure);
+            if let Some(span) = &span {
+                context.trace().set_upstream_span(span);
+            }
             let started = std::time::Instant::now();
             // Only a call that cannot be followed by another may consume the request.
             let final_call = last && calls_here >= retry.max_attempts.max(1);
@@ -1432,6 +1485,9 @@ async fn walk_plan<T: AttemptReply>(
                     Err(err)
                 }
             };
+            if let Some(span) = span.take() {
+                end_attempt_span(span, &result);
+            }
             let err = match result {
                 Ok(reply) => {
                     permit.success();
@@ -1454,6 +1510,7 @@ async fn walk_plan<T: AttemptReply>(
                 return Err(err);
             }
             permit.failure();
+            previous_failure = Some(class);
             snapshot.routes.report(attempt, Outcome::Failure { class });
             tracing::warn!(
                 request_id = %context.id,
@@ -1490,12 +1547,71 @@ async fn walk_plan<T: AttemptReply>(
     Err(last_error.unwrap_or_else(|| GatewayError::Internal("empty routing plan".into())))
 }
 
+/// The client span of one upstream call: which target, which attempt of the request, and
+/// why it is made (`retry` of the same target, `fallback` to the next, after which failure).
+fn attempt_span(
+    context: &RequestContext,
+    attempt: &Attempt,
+    calls: u32,
+    calls_here: u32,
+    previous_failure: Option<FailureClass>,
+) -> Option<gateway_core::trace::Span> {
+    // Checked first so that an untraced request does not even format the name.
+    let trace = context.trace().active()?;
+    let operation = gateway_core::trace::operation_name(&context.path);
+    let mut span = trace.child(format!("{operation} {}", attempt.model()), SpanKind::Client);
+    span.set_attributes([
+        KeyValue::new(attr::GEN_AI_OPERATION_NAME, operation),
+        KeyValue::new(attr::GEN_AI_PROVIDER_NAME, attempt.provider().to_string()),
+        KeyValue::new(attr::GEN_AI_REQUEST_MODEL, attempt.model().to_string()),
+        KeyValue::new(attr::GATEWAY_ALIAS, attempt.alias().to_string()),
+        KeyValue::new(attr::GATEWAY_ATTEMPT, i64::from(calls)),
+    ]);
+    if calls > 1 {
+        let reason = if calls_here > 1 { "retry" } else { "fallback" };
+        span.set_attribute(KeyValue::new(attr::GATEWAY_ATTEMPT_REASON, reason));
+        if let Some(class) = previous_failure {
+            span.set_attribute(KeyValue::new(attr::GATEWAY_ATTEMPT_AFTER, class.as_str()));
+        }
+    }
+    Some(span)
+}
+
+/// Ends an attempt's span with the vendor's status, or the error the call came to.
+fn end_attempt_span<T: AttemptReply>(
+    mut span: gateway_core::trace::Span,
+    result: &Result<T, GatewayError>,
+) {
+    match result {
+        Ok(reply) => span.set_attribute(KeyValue::new(
+            attr::HTTP_RESPONSE_STATUS_CODE,
+            i64::from(reply.status()),
+        )),
+        Err(err) => {
+            if let GatewayError::UpstreamStatus { status, .. } = err {
+                span.set_attribute(KeyValue::new(
+                    attr::HTTP_RESPONSE_STATUS_CODE,
+                    i64::from(status.as_u16()),
+                ));
+            }
+            span.set_attribute(KeyValue::new(attr::ERROR_TYPE, err.error_type().as_str()));
+            span.set_status(Status::error(err.error_type().as_str()));
+        }
+    }
+    span.end();
+}
+
 /// What a successful call can still say about failure: a forwarded vendor error arrives as a
 /// reply (so the client gets the vendor's own error body), yet a 429 or 5xx must count for
 /// the breaker, the retries and the fallbacks like any other upstream error.
 trait AttemptReply {
     /// The error this reply stands for, if it is one.
     fn as_failure(&self, provider: &str) -> Option<GatewayError>;
+
+    /// The vendor's HTTP status, for the attempt's span.
+    fn status(&self) -> u16 {
+        200
+    }
 }
 
 impl AttemptReply for ChatReply {
@@ -1511,6 +1627,10 @@ impl AttemptReply for gateway_core::provider::CompleteReply {
 }
 
 impl AttemptReply for ForwardReply {
+    fn status(&self) -> u16 {
+        self.status.as_u16()
+    }
+
     fn as_failure(&self, provider: &str) -> Option<GatewayError> {
         if self.status.is_success() {
             return None;
@@ -1529,6 +1649,13 @@ impl AttemptReply for ForwardReply {
 }
 
 impl AttemptReply for MessagesReply {
+    fn status(&self) -> u16 {
+        match self {
+            Self::Native(reply) => reply.status(),
+            Self::Translated(reply) => reply.status(),
+        }
+    }
+
     fn as_failure(&self, provider: &str) -> Option<GatewayError> {
         match self {
             Self::Native(reply) => reply.as_failure(provider),
@@ -1599,6 +1726,7 @@ async fn embeddings(
             Ok(provider.embeddings(EmbeddingsCall {
                 request,
                 request_id: context.id,
+                trace: context.trace().upstream_headers(),
             }))
         },
     )
@@ -1608,6 +1736,7 @@ async fn embeddings(
 }
 
 fn note_complete(context: &RequestContext, reply: &gateway_core::provider::CompleteReply) {
+    context.trace().note_finish_reasons(&reply.body);
     let mut outcome = context.outcome();
     outcome.usage = reply.usage;
     outcome
@@ -1622,6 +1751,9 @@ fn note_complete(context: &RequestContext, reply: &gateway_core::provider::Compl
 /// Notes what a stream event tells about the request: time to first token, usage, the
 /// vendor's response id.
 fn note_event(context: &RequestContext, event: &StreamEvent) {
+    if event.kind == StreamEventKind::Delta {
+        context.trace().note_finish_reasons(&event.data);
+    }
     let mut outcome = context.outcome();
     if outcome.time_to_first_token.is_none() && event.kind == StreamEventKind::Delta {
         outcome.time_to_first_token = Some(context.elapsed());
@@ -1775,6 +1907,58 @@ struct SseFrames<I: StreamItem, E> {
     /// Fires at the idle gap or the total deadline, whichever is first; re-armed per item.
     timer: Pin<Box<tokio::time::Sleep>>,
     total_deadline: Option<tokio::time::Instant>,
+    /// The `stream` span, from the vendor's response headers to the stream's end.
+    span: Option<StreamSpan>,
+}
+
+/// The `stream` span and what it notes on the way: time to first token and events relayed.
+struct StreamSpan {
+    span: gateway_core::trace::Span,
+    first_token_seen: bool,
+    events: u64,
+}
+
+impl StreamSpan {
+    fn start(context: &RequestContext) -> Option<Self> {
+        Some(Self {
+            span: context.start_span("stream", SpanKind::Internal)?,
+            first_token_seen: false,
+            events: 0,
+        })
+    }
+
+    fn item(&mut self, context: &RequestContext) {
+        self.events += 1;
+        if self.first_token_seen {
+            return;
+        }
+        let ttft = context.outcome().time_to_first_token;
+        if let Some(ttft) = ttft {
+            self.first_token_seen = true;
+            self.span.add_event("first_token", Vec::new());
+            self.span.set_attribute(KeyValue::new(
+                attr::GATEWAY_TTFT_MS,
+                ttft.as_secs_f64() * 1000.0,
+            ));
+        }
+    }
+
+    fn end(mut self, context: &RequestContext, client_aborted: bool) {
+        let error = context.outcome().error_type;
+        self.span.set_attributes([
+            KeyValue::new(
+                attr::GATEWAY_STREAM_EVENTS,
+                i64::try_from(self.events).unwrap_or(i64::MAX),
+            ),
+            KeyValue::new(attr::GATEWAY_CLIENT_ABORTED, client_aborted),
+        ]);
+        if let Some(error) = error {
+            self.span
+                .set_attribute(KeyValue::new(attr::ERROR_TYPE, error.as_str()));
+            self.span.set_status(Status::error(error.as_str()));
+        }
+        self.span.end();
+    }
 }
 
 /// The `[policy]` limits on one stream.
@@ -1807,7 +1991,9 @@ impl<I: StreamItem, E: FrameEncoder<I>> SseFrames<I, E> {
             .total
             .map(|total| tokio::time::Instant::from_std(context.started) + total);
         let first = next_deadline(limits.idle, total_deadline);
+        let span = StreamSpan::start(&context);
         Self {
+            span,
             events: Some(events),
             encoder,
             context,
@@ -1873,6 +2059,9 @@ impl<I: StreamItem, E: FrameEncoder<I>> Stream for SseFrames<I, E> {
             }
             if this.ended {
                 this.events = None;
+                if let Some(span) = this.span.take() {
+                    span.end(&this.context, false);
+                }
                 return Poll::Ready(None);
             }
             let Some(events) = this.events.as_mut() else {
@@ -1881,6 +2070,9 @@ impl<I: StreamItem, E: FrameEncoder<I>> Stream for SseFrames<I, E> {
             match events.poll_next_unpin(cx) {
                 Poll::Ready(Some(Ok(item))) => {
                     item.note(&this.context);
+                    if let Some(span) = this.span.as_mut() {
+                        span.item(&this.context);
+                    }
                     this.ended = item.is_last();
                     match this.encoder.encode(&item) {
                         Ok(frames) => this.pending.extend(frames),
@@ -1902,13 +2094,16 @@ impl<I: StreamItem, E: FrameEncoder<I>> Stream for SseFrames<I, E> {
 
 impl<I: StreamItem, E> Drop for SseFrames<I, E> {
     fn drop(&mut self) {
-        if self.ended || self.limits.drain.is_zero() {
-            return;
-        }
-        let Some(events) = self.events.take() else {
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        // The client left before the end (when the end was seen, the span is gone already).
+        let span = self.span.take();
+        let drain = (!self.ended && !self.limits.drain.is_zero())
+            .then(|| self.events.take())
+            .flatten()
+            .zip(tokio::runtime::Handle::try_current().ok());
+        let Some((events, runtime)) = drain else {
+            if let Some(span) = span {
+                span.end(&self.context, !self.ended);
+            }
             return;
         };
         let hold = self.context.hold_finish();
@@ -1917,6 +2112,7 @@ impl<I: StreamItem, E> Drop for SseFrames<I, E> {
             self.context.clone(),
             hold,
             self.limits.drain,
+            span,
         ));
     }
 }
@@ -1927,6 +2123,7 @@ async fn drain_stream<I: StreamItem>(
     context: Arc<RequestContext>,
     hold: FinishHold,
     limit: Duration,
+    span: Option<StreamSpan>,
 ) {
     let read_to_end = async {
         while let Some(Ok(item)) = events.next().await {
@@ -1938,6 +2135,10 @@ async fn drain_stream<I: StreamItem>(
     };
     if tokio::time::timeout(limit, read_to_end).await.is_err() {
         tracing::debug!(request_id = %context.id, "drain limit reached; ending the upstream request");
+    }
+    // The span covers the drain too: the vendor's stream lasted that long.
+    if let Some(span) = span {
+        span.end(&context, true);
     }
     // Dropping the rest closes the upstream connection; releasing the hold runs the observers.
     drop(events);

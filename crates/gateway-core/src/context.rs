@@ -166,6 +166,7 @@ pub struct RequestContext {
     outcome: Mutex<RequestOutcome>,
     gate: Mutex<FinishGate>,
     hooks: FinishHooks,
+    trace: crate::trace::RequestTrace,
 }
 
 /// Per-request work to run when the request is finished, before the observers: settling a
@@ -193,7 +194,27 @@ impl RequestContext {
             outcome: Mutex::new(RequestOutcome::default()),
             gate: Mutex::new(FinishGate::Open),
             hooks: FinishHooks::default(),
+            trace: crate::trace::RequestTrace::Off,
         }
+    }
+
+    /// Sets the request's trace (the observability layer does, before sharing the context).
+    pub fn with_trace(mut self, trace: crate::trace::RequestTrace) -> Self {
+        self.trace = trace;
+        self
+    }
+
+    pub fn trace(&self) -> &crate::trace::RequestTrace {
+        &self.trace
+    }
+
+    /// A child span of the request's root span; `None` (and no work) when tracing is off.
+    pub fn start_span(
+        &self,
+        name: impl Into<std::borrow::Cow<'static, str>>,
+        kind: crate::trace::otel::trace::SpanKind,
+    ) -> Option<crate::trace::Span> {
+        self.trace.start_span(name, kind)
     }
 
     fn gate(&self) -> MutexGuard<'_, FinishGate> {

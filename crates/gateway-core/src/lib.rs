@@ -12,6 +12,7 @@ pub mod keys;
 pub mod limits;
 pub mod openai;
 pub mod provider;
+pub mod trace;
 
 pub use context::{
     FinishHold, FinishHook, FinishedRequest, PeerAddr, Principal, RequestContext, RequestId,

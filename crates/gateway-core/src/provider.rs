@@ -6,6 +6,7 @@
 use crate::context::RequestId;
 use crate::error::GatewayError;
 use crate::openai::{ChatCompletionRequest, EmbeddingsRequest, Usage};
+use crate::trace::TraceHeaders;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
@@ -15,6 +16,8 @@ use futures_util::stream::BoxStream;
 pub struct ChatCall {
     pub request: ChatCompletionRequest,
     pub request_id: RequestId,
+    /// The W3C trace context the upstream request carries (`traceparent`, `tracestate`).
+    pub trace: Option<TraceHeaders>,
 }
 
 /// One embeddings request to send upstream. `request.model` already holds the upstream model.
@@ -22,6 +25,8 @@ pub struct ChatCall {
 pub struct EmbeddingsCall {
     pub request: EmbeddingsRequest,
     pub request_id: RequestId,
+    /// The W3C trace context the upstream request carries.
+    pub trace: Option<TraceHeaders>,
 }
 
 /// The vendor's answer, in OpenAI format.
@@ -134,6 +139,8 @@ pub struct ForwardCall {
     pub headers: http::HeaderMap,
     pub stream: bool,
     pub request_id: RequestId,
+    /// The W3C trace context the upstream request carries.
+    pub trace: Option<TraceHeaders>,
 }
 
 /// The vendor's answer, in its own format. An error status is relayed as it is: a native

@@ -1,6 +1,7 @@
 //! `ObserveLayer`: request id, `x-request-id` on every response, observers at the body's end.
 
 use bytes::Buf;
+use gateway_core::trace::Tracer;
 use gateway_core::{FinishedRequest, RequestContext, RequestId, RequestObserver};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
@@ -21,13 +22,21 @@ type Observers = Arc<[Arc<dyn RequestObserver>]>;
 #[derive(Clone)]
 pub struct ObserveLayer {
     observers: Observers,
+    tracer: Option<Arc<Tracer>>,
 }
 
 impl ObserveLayer {
     pub fn new(observers: Vec<Arc<dyn RequestObserver>>) -> Self {
         Self {
             observers: observers.into(),
+            tracer: None,
         }
+    }
+
+    /// Records a span tree per request with `tracer` (see [`crate::OtlpTracing`]).
+    pub fn with_tracer(mut self, tracer: Option<Arc<Tracer>>) -> Self {
+        self.tracer = tracer;
+        self
     }
 }
 
@@ -38,6 +47,7 @@ impl<S> Layer<S> for ObserveLayer {
         ObserveService {
             inner,
             observers: self.observers.clone(),
+            tracer: self.tracer.clone(),
         }
     }
 }
@@ -46,6 +56,7 @@ impl<S> Layer<S> for ObserveLayer {
 pub struct ObserveService<S> {
     inner: S,
     observers: Observers,
+    tracer: Option<Arc<Tracer>>,
 }
 
 impl<S, B, RB> Service<Request<B>> for ObserveService<S>
@@ -67,11 +78,15 @@ where
             .get(REQUEST_ID_HEADER)
             .and_then(|value| RequestId::from_header(value.as_bytes()))
             .unwrap_or_else(RequestId::new_v7);
-        let context = Arc::new(RequestContext::new(
-            id,
-            request.method().clone(),
-            request.uri().path().to_owned(),
-        ));
+        let trace = crate::spans::request_trace(self.tracer.as_ref(), &request, id);
+        let context = Arc::new(
+            RequestContext::new(
+                id,
+                request.method().clone(),
+                request.uri().path().to_owned(),
+            )
+            .with_trace(trace),
+        );
         request.extensions_mut().insert(context.clone());
         ObserveFuture {
             inner: self.inner.call(request),
@@ -168,6 +183,7 @@ impl Finisher {
             for observer in observers.iter() {
                 observer.request_finished(&finished);
             }
+            crate::spans::end_root(&finished);
         });
     }
 }

@@ -7,15 +7,22 @@
 //! the request's final outcome to every [`RequestObserver`](gateway_core::RequestObserver).
 //! [`AccessLog`] is one such observer; the usage recorder of the business layer is another.
 //! It never logs an API key or a prompt: only the outcome's fixed fields.
+//!
+//! With `[observability.tracing]` on, [`OtlpTracing`] exports a span tree per request over
+//! OTLP: [`ObserveLayer`] starts the root span (a child of the client's `traceparent`) and ends
+//! it with the outcome's GenAI attributes when the observers run.
 
 mod access_log;
 mod config;
 mod layer;
+mod otlp;
+mod spans;
 mod writer;
 
 pub use access_log::AccessLog;
-pub use config::{LogFormat, ObservabilityConfig};
+pub use config::{LogFormat, ObservabilityConfig, OtlpProtocol, TracingConfig};
 pub use layer::{FinishBody, ObserveFuture, ObserveLayer, ObserveService, REQUEST_ID_HEADER};
+pub use otlp::{ExportStats, OtlpTracing, TracingError};
 pub use writer::{BatchedWriter, LogGuard};
 
 use std::time::Duration;

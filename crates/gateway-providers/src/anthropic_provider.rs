@@ -8,7 +8,7 @@ use crate::anthropic::{
 };
 use crate::client::{HyperClient, UpstreamClient};
 use crate::config::ProviderConfig;
-use crate::http::{MAX_ERROR_BYTES, MAX_RESPONSE_BYTES, header_string, read_body};
+use crate::http::{MAX_ERROR_BYTES, MAX_RESPONSE_BYTES, header_string, read_body, with_trace};
 use crate::rotation::{BaseUrls, Key, Keys, send};
 use crate::sse::{EventTranslator, translated_events};
 use bytes::Bytes;
@@ -21,6 +21,7 @@ use gateway_core::provider::{
     ChatCall, ChatProvider, ChatReply, CompleteReply, ForwardBody, ForwardCall, ForwardChunk,
     ForwardReply, NativeApi, StreamEvent, StreamReply,
 };
+use gateway_core::trace::TraceHeaders;
 use http::header::{ACCEPT, CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
 use http::{Method, Request, Uri};
 use http_body_util::{BodyExt, Full};
@@ -124,6 +125,7 @@ impl Inner {
         stream: bool,
         client: &http::HeaderMap,
         beta: bool,
+        trace: Option<&TraceHeaders>,
     ) -> Result<(hyper::Response<hyper::body::Incoming>, Option<Key>), GatewayError> {
         let key = self.keys.pick();
         let version = client
@@ -153,6 +155,7 @@ impl Inner {
                     HeaderName::from_static("anthropic-version"),
                     version.clone(),
                 );
+            builder = with_trace(builder, trace);
             for beta in client.get_all("anthropic-beta") {
                 builder = builder.header(HeaderName::from_static("anthropic-beta"), beta.clone());
             }
@@ -191,7 +194,13 @@ impl Inner {
         let body = serde_json::to_vec(&body)
             .map_err(|err| GatewayError::Internal(format!("encoding the request: {err}")))?;
         let (response, key) = self
-            .post(Bytes::from(body), stream, &http::HeaderMap::new(), false)
+            .post(
+                Bytes::from(body),
+                stream,
+                &http::HeaderMap::new(),
+                false,
+                call.trace.as_ref(),
+            )
             .await?;
         let status = response.status();
         let vendor_request_id = header_string(response.headers(), "request-id");
@@ -229,7 +238,13 @@ impl Inner {
     /// answer goes back unchanged; the translator only reads it, for usage.
     async fn forward(&self, call: ForwardCall) -> Result<ForwardReply, GatewayError> {
         let (response, key) = self
-            .post(call.body, call.stream, &call.headers, call.beta)
+            .post(
+                call.body,
+                call.stream,
+                &call.headers,
+                call.beta,
+                call.trace.as_ref(),
+            )
             .await?;
         let status = response.status();
         let vendor_request_id = header_string(response.headers(), "request-id");

@@ -12,6 +12,7 @@ use crate::gemini::{
 };
 use crate::http::{
     MAX_ERROR_BYTES, MAX_RESPONSE_BYTES, endpoints, header_string, is_url_safe, read_body,
+    with_trace,
 };
 use crate::rotation::{BaseUrls, Keys, send};
 use crate::sse::{EventTranslator, translated_events};
@@ -23,6 +24,7 @@ use gateway_core::config::ConfigError;
 use gateway_core::provider::{
     ChatCall, ChatProvider, ChatReply, CompleteReply, EmbeddingsCall, StreamEvent, StreamReply,
 };
+use gateway_core::trace::TraceHeaders;
 use http::header::{ACCEPT, CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
 use http::{Method, Request, Uri};
 use http_body_util::{BodyExt, Full};
@@ -131,6 +133,7 @@ impl Inner {
         method: &str,
         body: &serde_json::Value,
         stream: bool,
+        trace: Option<&TraceHeaders>,
     ) -> Result<(Option<String>, hyper::body::Incoming), GatewayError> {
         let body = serde_json::to_vec(body)
             .map_err(|err| GatewayError::Internal(format!("encoding the request: {err}")))?;
@@ -152,6 +155,7 @@ impl Inner {
                         "application/json"
                     }),
                 );
+            builder = with_trace(builder, trace);
             if let Some(key) = &key {
                 builder =
                     builder.header(HeaderName::from_static("x-goog-api-key"), key.value.clone());
@@ -191,7 +195,9 @@ impl Inner {
         } else {
             "generateContent"
         };
-        let (vendor_request_id, body) = self.post(&model, method, &request, stream).await?;
+        let (vendor_request_id, body) = self
+            .post(&model, method, &request, stream, call.trace.as_ref())
+            .await?;
         let created = time::OffsetDateTime::now_utc().unix_timestamp();
         if stream {
             let events = translated_events(
@@ -221,7 +227,13 @@ impl Inner {
             .map_err(|err| GatewayError::Internal(format!("encoding the request: {err}")))?;
         let request = to_gemini_embeddings_request(&openai_body, &model)?;
         let (vendor_request_id, body) = self
-            .post(&model, "batchEmbedContents", &request, false)
+            .post(
+                &model,
+                "batchEmbedContents",
+                &request,
+                false,
+                call.trace.as_ref(),
+            )
             .await?;
         let body = read_body(&self.name, body, MAX_RESPONSE_BYTES).await?;
         // The OpenAI SDKs ask for base64 by default; the answer must be in the encoding asked.

@@ -50,6 +50,19 @@ pub(crate) fn error_chain(err: &hyper_util::client::legacy::Error) -> String {
     reason
 }
 
+/// Adds the call's W3C trace context (`traceparent`, `tracestate`) to an upstream request.
+pub(crate) fn with_trace(
+    mut builder: http::request::Builder,
+    trace: Option<&gateway_core::trace::TraceHeaders>,
+) -> http::request::Builder {
+    if let Some(trace) = trace
+        && let Some(headers) = builder.headers_mut()
+    {
+        trace.insert_into(headers);
+    }
+    builder
+}
+
 pub(crate) fn header_string(headers: &http::HeaderMap, name: &str) -> Option<String> {
     headers
         .get(name)

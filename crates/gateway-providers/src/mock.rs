@@ -177,6 +177,7 @@ mod tests {
         ChatCall {
             request: ChatCompletionRequest::from_json(body.as_bytes()).unwrap(),
             request_id: RequestId::new_v7(),
+            trace: None,
         }
     }
 

@@ -9,6 +9,7 @@ use crate::client::{HyperClient, UpstreamClient};
 use crate::config::{ProviderConfig, ProviderKind};
 use crate::http::{
     MAX_ERROR_BYTES, MAX_RESPONSE_BYTES, endpoints, header_string, is_url_safe, read_body,
+    with_trace,
 };
 use crate::responses;
 use crate::rotation::{BaseUrls, Key, Keys, send};
@@ -24,6 +25,7 @@ use gateway_core::provider::{
     ChatCall, ChatProvider, ChatReply, CompleteReply, EmbeddingsCall, ForwardBody, ForwardCall,
     ForwardReply, NativeApi, StreamReply,
 };
+use gateway_core::trace::TraceHeaders;
 use gateway_core::{GatewayError, RequestId};
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{Method, Request, Uri};
@@ -166,6 +168,13 @@ const NATIVE_APIS: [NativeApi; 4] = [
     NativeApi::OpenAiTranscriptions,
 ];
 
+/// What names a call upstream: our request id and the W3C trace context.
+#[derive(Debug, Clone, Copy)]
+struct CallIds<'a> {
+    request_id: RequestId,
+    trace: Option<&'a TraceHeaders>,
+}
+
 impl Inner {
     /// Sends one request to the first reachable base URL, with one of the keys.
     async fn post(
@@ -175,7 +184,7 @@ impl Inner {
         body: Bytes,
         content_type: Option<&HeaderValue>,
         stream: bool,
-        request_id: RequestId,
+        ids: CallIds<'_>,
     ) -> Result<(hyper::Response<hyper::body::Incoming>, Option<Key>), GatewayError> {
         // The deployment comes from the routing config, never from the client, but a name
         // that would change the URL's shape is still refused.
@@ -208,7 +217,8 @@ impl Inner {
                     }),
                 )
                 // OpenAI's header for a caller-chosen id: lets a vendor ticket be matched to ours.
-                .header("x-client-request-id", request_id.to_header_value());
+                .header("x-client-request-id", ids.request_id.to_header_value());
+            builder = with_trace(builder, ids.trace);
             if let Some(key) = &key {
                 builder = builder.header(auth_header.clone(), key.value.clone());
             }
@@ -274,7 +284,10 @@ impl Inner {
                 Bytes::from(body),
                 None,
                 false,
-                call.request_id,
+                CallIds {
+                    request_id: call.request_id,
+                    trace: call.trace.as_ref(),
+                },
             )
             .await?;
         let status = response.status();
@@ -315,7 +328,10 @@ impl Inner {
                 call.body,
                 call.content_type.as_ref(),
                 call.stream,
-                call.request_id,
+                CallIds {
+                    request_id: call.request_id,
+                    trace: call.trace.as_ref(),
+                },
             )
             .await?;
         let status = response.status();
@@ -409,6 +425,7 @@ impl Inner {
         let ChatCall {
             mut request,
             request_id,
+            trace,
         } = call;
         self.prepare(&mut request)?;
         let stream = request.is_stream();
@@ -428,7 +445,10 @@ impl Inner {
                 Bytes::from(body),
                 None,
                 stream,
-                request_id,
+                CallIds {
+                    request_id,
+                    trace: trace.as_ref(),
+                },
             )
             .await?;
         let status = response.status();

@@ -87,6 +87,7 @@ fn call(text: &str) -> ChatCall {
     ChatCall {
         request: ChatCompletionRequest::from_json(body.to_string().as_bytes()).unwrap(),
         request_id: RequestId::new_v7(),
+        trace: None,
     }
 }
 
