@@ -170,6 +170,8 @@ mod tests {
                 models: None,
                 tags: Default::default(),
                 rate_limit: None,
+                capture_prompts: false,
+                capture_responses: false,
             }])
             .unwrap(),
         )

@@ -106,6 +106,13 @@ pub struct ProjectConfig {
     /// key together). Default: none.
     #[serde(default)]
     pub rate_limit: Option<RateLimit>,
+    /// Log this project's prompts (redacted, as `gateway::capture` events). Default false.
+    #[serde(default)]
+    pub capture_prompts: bool,
+    /// Log this project's responses, streams assembled (redacted, as `gateway::capture`
+    /// events). Default false.
+    #[serde(default)]
+    pub capture_responses: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -282,6 +282,8 @@ mod tests {
             models: models.map(|m| m.iter().map(|s| (*s).to_string()).collect()),
             tags: BTreeMap::from([("team".into(), "platform".into())]),
             rate_limit: None,
+            capture_prompts: false,
+            capture_responses: false,
         }
     }
 

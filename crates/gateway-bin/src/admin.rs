@@ -7,6 +7,8 @@
 //!   key cache, auth-failure throttle).
 //! - `/admin/projects`, `/admin/keys` (list, create, revoke, rotate), `/admin/budgets`,
 //!   `/admin/usage`: JSON over the config and the database.
+//! - `GET /metrics`: Prometheus metrics (OpenMetrics text, see `metrics.rs`). It needs no
+//!   token: scrapers are configured with a URL, not a secret, and nothing in it is secret.
 //!
 //! Every route but `/healthz` needs `Authorization: Bearer <[server] admin_token>`. Tokens are
 //! compared as SHA-256 digests in constant time. A project key is refused even when it is
@@ -52,7 +54,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// Routes served without the admin token (probes and scrapers).
-const PUBLIC_PATHS: &[&str] = &["/healthz"];
+const PUBLIC_PATHS: &[&str] = &["/healthz", "/metrics"];
 
 /// What the admin routes read and change.
 #[derive(Clone)]
@@ -207,6 +209,9 @@ impl Admin {
             && let Err(err) = self.authorize(request.headers())
         {
             return err.response();
+        }
+        if path == "/metrics" {
+            return metrics(&request, &self.state, &self.status.load());
         }
         let (parts, body) = request.into_parts();
         let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
@@ -542,6 +547,41 @@ fn parse_query(query: &str) -> Result<BTreeMap<String, String>, AdminError> {
         }
     }
     Ok(params)
+}
+
+/// `GET /metrics`.
+fn metrics<B>(
+    request: &Request<B>,
+    state: &AppState,
+    status: &ReloadStatus,
+) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET {
+        return AdminError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "GET /metrics",
+        )
+        .response();
+    }
+    match crate::metrics::render(state, status) {
+        Ok(text) => {
+            let mut response = Response::new(Full::new(Bytes::from(text)));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static(gateway_observability::metrics::OPENMETRICS_CONTENT_TYPE),
+            );
+            response
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "encoding the metrics");
+            AdminError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "the metrics could not be encoded",
+            )
+            .response()
+        }
+    }
 }
 
 fn percent_decode(text: &str) -> Option<String> {

@@ -133,6 +133,8 @@ mod tests {
             models: Some(vec!["chat".into()]),
             tags: Default::default(),
             rate_limit: None,
+            capture_prompts: false,
+            capture_responses: false,
         }])
         .unwrap();
         let exists = |alias: &str| ["chat", "embed"].contains(&alias);

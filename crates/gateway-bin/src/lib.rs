@@ -4,9 +4,11 @@
 //! integration tests start exactly the gateway users run ([`RunningGateway::start`]).
 
 mod admin;
+mod capture;
 pub mod cli;
 pub mod config;
 mod keys;
+mod metrics;
 pub mod reload;
 pub mod server;
 pub mod service;

@@ -165,6 +165,7 @@ impl Reloader {
         self.state
             .usage
             .set_projects(crate::state::project_entries(&effective.projects));
+        self.state.metrics.set_aliases(snapshot.routes.aliases());
         self.state.snapshot.store(Arc::new(snapshot));
 
         let models = diff(&self.live.models, &effective.models, |m| &m.alias);
@@ -364,6 +365,14 @@ fn frozen_changes(live: &GatewayConfig, new: &GatewayConfig) -> Vec<String> {
             old_obs.log_flush_interval_ms != new_obs.log_flush_interval_ms,
         ),
         ("observability.tracing", old_obs.tracing != new_obs.tracing),
+        (
+            "observability.redact_patterns",
+            old_obs.redact_patterns != new_obs.redact_patterns,
+        ),
+        (
+            "observability.capture_max_bytes",
+            old_obs.capture_max_bytes != new_obs.capture_max_bytes,
+        ),
     ];
     let mut changed = Vec::new();
     // A key added to a section after this list was written still differs as a whole section,

@@ -12,7 +12,7 @@ use gateway_access::{AuthThrottle, DbKeys};
 use gateway_business::budget::Budgets;
 use gateway_business::{UsageWriter, WriterStats};
 use gateway_core::{PeerAddr, RequestObserver};
-use gateway_observability::AccessLog;
+use gateway_observability::{AccessLog, RequestMetrics};
 use gateway_policy::Policy;
 use gateway_providers::UpstreamClient;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -111,6 +111,9 @@ impl RunningGateway {
             observers.push(Arc::new(AccessLog));
         }
         observers.push(Arc::new(recorder.clone()));
+        let metrics = Arc::new(RequestMetrics::new());
+        metrics.set_aliases(snapshot.routes.aliases());
+        observers.push(metrics.clone());
 
         let store = key_store(&config);
         let state = Arc::new(AppState {
@@ -120,6 +123,7 @@ impl RunningGateway {
             policy,
             budgets,
             usage: recorder,
+            metrics,
             db_keys: Arc::new(DbKeys::new()),
             auth_throttle: Arc::new(AuthThrottle::new(&config.server.auth_failures)),
             store,

@@ -78,6 +78,9 @@ pub struct AppState {
     /// The database of keys, usage and budgets, for the admin API and the key cache (`None`
     /// for an in-memory SQLite, which no other connection could see).
     pub store: Option<gateway_business::UsageStore>,
+    /// The request-side Prometheus metrics (also an observer); upstream attempts are counted
+    /// here as they happen.
+    pub metrics: Arc<gateway_observability::RequestMetrics>,
 }
 
 /// Builds the whole stack, outermost first (see the module docs for why in this order).
@@ -268,6 +271,12 @@ async fn post(
     endpoint: Endpoint,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let received = receive(state, request).await?;
+    let capture = crate::capture::begin(
+        &received.context,
+        &received.principal,
+        &received.snapshot,
+        &received.body,
+    );
     let guard = match claim_idempotency_key(state, &received).await? {
         None => None,
         Some(Claim::Owner(guard)) => Some(guard),
@@ -286,14 +295,15 @@ async fn post(
         Endpoint::Passthrough(api) => openai_passthrough(state, received, api).await,
         Endpoint::Transcriptions => transcriptions(state, received).await,
     };
-    match (guard, result) {
+    let result = match (guard, result) {
         (Some(guard), Ok(response)) if response.status().is_success() => {
             Ok(store_when_complete(response, guard, context, store_limit))
         }
         // Any failure releases the key (the guard drops): nothing was billed, so the
         // client's retry must reach the vendor.
         (_guard, result) => result,
-    }
+    };
+    result.map(|response| crate::capture::tap(response, capture))
 }
 
 /// The request's `Idempotency-Key` claim, or `None` when it has no key (or the store is off).
@@ -1455,6 +1465,11 @@ async fn walk_plan<T: AttemptReply>(
                 outcome.provider = Some(attempt.provider().clone());
                 outcome.upstream_model = Some(attempt.model().clone());
                 outcome.attempts = calls;
+                if calls_here > 1 {
+                    outcome.retries += 1;
+                } else if index > 0 {
+                    outcome.fallbacks += 1;
+                }
             }
             let mut span = attempt_span(context, attempt, calls, calls_here, previous_failure);
             if let Some(span) = &span {
@@ -1491,6 +1506,10 @@ async fn walk_plan<T: AttemptReply>(
             let err = match result {
                 Ok(reply) => {
                     permit.success();
+                    // A relayed vendor refusal (a 4xx forwarded as the vendor sent it).
+                    let refused = reply.as_failure(attempt.provider()).is_some();
+                    let label = if refused { "client_error" } else { "success" };
+                    state.metrics.upstream_attempt(attempt.provider(), label);
                     let elapsed = started.elapsed();
                     snapshot.routes.report(
                         attempt,
@@ -1507,10 +1526,20 @@ async fn walk_plan<T: AttemptReply>(
             if class == FailureClass::Client {
                 // The vendor is up and said no: that is not the breaker's business.
                 permit.success();
+                // Only a vendor's refusal was a call; a request the provider cannot take
+                // never left.
+                if matches!(err, GatewayError::UpstreamStatus { .. }) {
+                    state
+                        .metrics
+                        .upstream_attempt(attempt.provider(), "client_error");
+                }
                 return Err(err);
             }
             permit.failure();
             previous_failure = Some(class);
+            state
+                .metrics
+                .upstream_attempt(attempt.provider(), class.as_str());
             snapshot.routes.report(attempt, Outcome::Failure { class });
             tracing::warn!(
                 request_id = %context.id,

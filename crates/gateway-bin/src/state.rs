@@ -8,6 +8,7 @@ use crate::config::{ConfigLoadError, GatewayConfig};
 use gateway_access::KeyStore;
 use gateway_business::{KeyEntry, PriceTable, ProjectEntry};
 use gateway_core::config::ConfigError;
+use gateway_observability::{CapturePolicy, ProjectCapture};
 use gateway_policy::PolicyConfig;
 use gateway_providers::{DynProvider, UpstreamClient, build_providers};
 use gateway_routing::{CostLookup, RoutingTable, SystemClock};
@@ -27,6 +28,8 @@ pub struct Snapshot {
     pub prices: Arc<PriceTable>,
     /// `[[budgets]]` of this version, for the admin API's view of them.
     pub budgets: Vec<gateway_business::budget::BudgetEntry>,
+    /// Which projects have their prompts and responses logged, and how they are redacted.
+    pub capture: Arc<CapturePolicy>,
     pub version: String,
 }
 
@@ -84,19 +87,34 @@ impl Snapshot {
                 ));
             }
         }
+        let capture = CapturePolicy::build(
+            &config.observability,
+            config.projects.iter().map(|project| {
+                let capture = ProjectCapture {
+                    prompts: project.capture_prompts,
+                    responses: project.capture_responses,
+                };
+                (project.name.as_str(), capture)
+            }),
+        )
+        .map_err(|mut problems| errors.append(&mut problems))
+        .ok();
         if config.server.max_body_bytes == 0 {
             errors.push(ConfigError::new("server.max_body_bytes", "must be above 0"));
         }
-        match (keys, providers, routes) {
-            (Some(keys), Some(providers), Some(routes)) if errors.is_empty() => Ok(Self {
-                keys: Arc::new(keys),
-                routes,
-                providers,
-                policy: config.policy.clone(),
-                prices: Arc::new(prices),
-                budgets: config.budgets.clone(),
-                version: config.version.clone(),
-            }),
+        match (keys, providers, routes, capture) {
+            (Some(keys), Some(providers), Some(routes), Some(capture)) if errors.is_empty() => {
+                Ok(Self {
+                    keys: Arc::new(keys),
+                    routes,
+                    providers,
+                    policy: config.policy.clone(),
+                    prices: Arc::new(prices),
+                    budgets: config.budgets.clone(),
+                    capture: Arc::new(capture),
+                    version: config.version.clone(),
+                })
+            }
             _ => Err(ConfigLoadError::Invalid(errors)),
         }
     }

@@ -447,6 +447,8 @@ struct Inner {
     on_failure: BudgetFailureMode,
     /// Sorted, without repeats.
     alerts: Vec<u32>,
+    /// Alerts fired per threshold, in the order of `alerts`.
+    fired_by_threshold: Vec<AtomicU64>,
     webhook: reqwest::Client,
     origin: Instant,
     /// Nanoseconds since `origin` until which the backend is taken as down; 0 = up.
@@ -529,6 +531,7 @@ impl Budgets {
                 timeout,
                 down_for: Duration::from_secs(settings.down_secs),
                 on_failure: settings.on_failure,
+                fired_by_threshold: alerts.iter().map(|_| AtomicU64::new(0)).collect(),
                 alerts,
                 webhook,
                 origin: Instant::now(),
@@ -684,6 +687,17 @@ impl Budgets {
         }
     }
 
+    /// Alerts this instance fired, per threshold (percent) of `[budget].alerts`, every
+    /// threshold listed.
+    pub fn alerts_by_threshold(&self) -> Vec<(u32, u64)> {
+        self.inner
+            .alerts
+            .iter()
+            .zip(&self.inner.fired_by_threshold)
+            .map(|(&percent, count)| (percent, count.load(Ordering::Relaxed)))
+            .collect()
+    }
+
     pub fn stats(&self) -> BudgetStats {
         let c = &self.inner.counters;
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
@@ -818,6 +832,14 @@ impl Inner {
 
     fn alert(self: &Arc<Self>, line: &Line, percent: u32, spent: i64) {
         bump(&self.counters.alerts);
+        if let Some(counter) = self
+            .alerts
+            .iter()
+            .position(|&threshold| threshold == percent)
+            .and_then(|index| self.fired_by_threshold.get(index))
+        {
+            bump(counter);
+        }
         let key_id = (line.scope == BudgetScope::Key).then(|| line.key.key_id.to_string());
         tracing::warn!(
             project = %line.key.project,

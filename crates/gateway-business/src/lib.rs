@@ -36,4 +36,4 @@ pub use store::{
     CreatedKey, KeyEntry, KeyError, NewKey, PriceSync, ProjectEntry, SECRET_PREFIX, StoreError,
     StoredKey, StoredPrice, UsageStore,
 };
-pub use writer::{UsageRecorder, UsageWriter, WriterStats};
+pub use writer::{CostTotal, UsageRecorder, UsageWriter, WriterStats};

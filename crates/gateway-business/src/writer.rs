@@ -19,7 +19,8 @@ use crate::shipper;
 use crate::spool::{self, ENTRY_HEADER, MAX_PAYLOAD, Pos, SEGMENT_HEADER, SegmentWriter};
 use crate::store::ProjectEntry;
 use gateway_core::{FinishedRequest, RequestObserver};
-use std::collections::BTreeMap;
+use rust_decimal::Decimal;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -149,6 +150,22 @@ pub(crate) struct Shared {
     max_bytes: u64,
     max_pending: u64,
     last_drop_log: AtomicI64,
+    /// Cost of the priced records so far, by project, alias and currency, for metrics.
+    costs: Mutex<CostTotals>,
+}
+
+/// Project -> alias -> (currency, total). Names come from the config (an alias reaches a
+/// priced record only once routing resolved it), so the map stays small.
+type CostTotals = HashMap<Arc<str>, HashMap<Arc<str>, Vec<(String, Decimal)>>>;
+
+/// What the priced records of one project and alias cost so far, in one currency.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CostTotal {
+    pub project: Arc<str>,
+    pub alias: Arc<str>,
+    pub currency: String,
+    /// Exact: the sum of the records' costs (12 decimal places).
+    pub amount: Decimal,
 }
 
 impl Shared {
@@ -263,6 +280,56 @@ impl Shared {
             );
         }
         false
+    }
+
+    fn add_cost(&self, record: &UsageRecord) {
+        let (Some(cost), Some(project), Some(alias)) =
+            (&record.cost, &record.project, &record.alias)
+        else {
+            return;
+        };
+        let mut costs = self.costs.lock().unwrap_or_else(PoisonError::into_inner);
+        // Looked up by reference first: the keys are cloned only the first time they appear.
+        if !costs.contains_key(&**project) {
+            costs.insert(project.clone(), HashMap::new());
+        }
+        let Some(aliases) = costs.get_mut(&**project) else {
+            return;
+        };
+        if !aliases.contains_key(&**alias) {
+            aliases.insert(alias.clone(), Vec::new());
+        }
+        let Some(currencies) = aliases.get_mut(&**alias) else {
+            return;
+        };
+        match currencies
+            .iter_mut()
+            .find(|(currency, _)| currency == cost.currency())
+        {
+            Some((_, total)) => *total += cost.amount(),
+            None => currencies.push((cost.currency().to_owned(), cost.amount())),
+        }
+    }
+
+    fn cost_totals(&self) -> Vec<CostTotal> {
+        let costs = self.costs.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut totals: Vec<CostTotal> = costs
+            .iter()
+            .flat_map(|(project, aliases)| {
+                aliases.iter().flat_map(move |(alias, currencies)| {
+                    currencies.iter().map(move |(currency, amount)| CostTotal {
+                        project: project.clone(),
+                        alias: alias.clone(),
+                        currency: currency.clone(),
+                        amount: *amount,
+                    })
+                })
+            })
+            .collect();
+        totals.sort_unstable_by(|a, b| {
+            (&a.project, &a.alias, &a.currency).cmp(&(&b.project, &b.alias, &b.currency))
+        });
+        totals
     }
 
     fn snapshot(&self) -> WriterStats {
@@ -416,6 +483,17 @@ impl UsageRecorder {
             .queue_catalog(|catalog| catalog.projects = Some(projects));
     }
 
+    /// The write path's counters and spool gauges (as [`UsageWriter::stats`]).
+    pub fn stats(&self) -> WriterStats {
+        self.shared.snapshot()
+    }
+
+    /// What the requests recorded so far cost, by project, alias and currency (records that
+    /// were priced; counted even when the spool refused the record). Sorted.
+    pub fn cost_totals(&self) -> Vec<CostTotal> {
+        self.shared.cost_totals()
+    }
+
     /// Spools the start of a request that reached routing. If the gateway dies before the
     /// request's record is spooled, the next start writes an interrupted row for it (status 0,
     /// `error_type` `interrupted`). Call it at most once per request, before its finish.
@@ -431,6 +509,7 @@ impl RequestObserver for UsageRecorder {
     fn request_finished(&self, finished: &FinishedRequest<'_>) {
         if let Some(mut record) = UsageRecord::from_finished(finished) {
             self.price(&mut record);
+            self.shared.add_cost(&record);
             self.record(&record);
         }
     }
@@ -462,6 +541,7 @@ impl UsageWriter {
             max_bytes: config.spool_max_bytes,
             max_pending: u64::try_from(config.queue_capacity.max(1)).unwrap_or(u64::MAX),
             last_drop_log: AtomicI64::new(0),
+            costs: Mutex::new(HashMap::new()),
         });
         let (stop, signal) = watch::channel(false);
         let stop_rx = Stop {

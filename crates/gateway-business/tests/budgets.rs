@@ -621,6 +621,18 @@ async fn alerts_once(kind: Kind) {
     assert_eq!(percents(&bodies, "month"), [50], "{kind:?}: {bodies:?}");
     let alerts: u64 = replicas.iter().map(|r| r.stats().alerts).sum();
     assert_eq!(alerts, 4, "{kind:?}");
+    // By threshold: 50 % fired twice (day and month), 80 and 100 % once (day).
+    let mut by_threshold = std::collections::BTreeMap::new();
+    for replica in &replicas {
+        for (percent, count) in replica.alerts_by_threshold() {
+            *by_threshold.entry(percent).or_insert(0) += count;
+        }
+    }
+    assert_eq!(
+        by_threshold.into_iter().collect::<Vec<_>>(),
+        [(50, 2), (80, 1), (100, 1)],
+        "{kind:?}"
+    );
     let sent: u64 = replicas.iter().map(|r| r.stats().webhooks_sent).sum();
     assert_eq!(sent, 4, "{kind:?}");
     let daily_full = bodies

@@ -90,6 +90,10 @@ pub struct RequestOutcome {
     pub provider: Option<Arc<str>>,
     pub upstream_model: Option<Arc<str>>,
     pub attempts: u32,
+    /// Calls made again to a target that had just failed (after a back-off).
+    pub retries: u32,
+    /// Times the request moved on to another target of its plan after a failure.
+    pub fallbacks: u32,
     pub streamed: bool,
     pub error_type: Option<ErrorType>,
     pub usage: Option<Usage>,

@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 
-/// `[observability]`: logging and traces.
+/// `[observability]`: logging, traces, and how captured prompts and responses are redacted.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ObservabilityConfig {
@@ -18,6 +18,15 @@ pub struct ObservabilityConfig {
     pub log_flush_interval_ms: u64,
     /// `[observability.tracing]`: OpenTelemetry traces exported over OTLP.
     pub tracing: TracingConfig,
+    /// Extra regular expressions (Rust `regex` syntax) whose matches are replaced by
+    /// `[REDACTED]` in captured prompts and responses, on top of the built-in patterns (`sk-...`,
+    /// `Bearer ...`, AWS, Google, GitHub and Slack keys, the gateway's `gw-...` keys). Capture
+    /// itself is switched on per project (`[[projects]] capture_prompts`,
+    /// `capture_responses`). Default: none.
+    pub redact_patterns: Vec<String>,
+    /// Captured prompts and responses are cut to this many bytes each (after redaction).
+    /// Default 16384.
+    pub capture_max_bytes: usize,
 }
 
 impl Default for ObservabilityConfig {
@@ -28,6 +37,8 @@ impl Default for ObservabilityConfig {
             access_log: true,
             log_flush_interval_ms: 100,
             tracing: TracingConfig::default(),
+            redact_patterns: Vec::new(),
+            capture_max_bytes: 16 * 1024,
         }
     }
 }

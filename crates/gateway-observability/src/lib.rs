@@ -6,22 +6,29 @@
 //! (errors included), and when the response body has been sent — or the client went away — hands
 //! the request's final outcome to every [`RequestObserver`](gateway_core::RequestObserver).
 //! [`AccessLog`] is one such observer; the usage recorder of the business layer is another.
-//! It never logs an API key or a prompt: only the outcome's fixed fields.
+//! The access log never has an API key or a prompt: only the outcome's fixed fields.
+//! [`RequestMetrics`] is the observer behind the Prometheus `/metrics` of the admin listener;
+//! [`CapturePolicy`] logs prompts and responses, redacted, for the projects that opted in, as
+//! separate `gateway::capture` events.
 //!
 //! With `[observability.tracing]` on, [`OtlpTracing`] exports a span tree per request over
 //! OTLP: [`ObserveLayer`] starts the root span (a child of the client's `traceparent`) and ends
 //! it with the outcome's GenAI attributes when the observers run.
 
 mod access_log;
+pub mod capture;
 mod config;
 mod layer;
+pub mod metrics;
 mod otlp;
 mod spans;
 mod writer;
 
 pub use access_log::AccessLog;
+pub use capture::{CapturePolicy, ProjectCapture, Redactor, ResponseText};
 pub use config::{LogFormat, ObservabilityConfig, OtlpProtocol, TracingConfig};
 pub use layer::{FinishBody, ObserveFuture, ObserveLayer, ObserveService, REQUEST_ID_HEADER};
+pub use metrics::RequestMetrics;
 pub use otlp::{ExportStats, OtlpTracing, TracingError};
 pub use writer::{BatchedWriter, LogGuard};
 

@@ -371,6 +371,10 @@ pub struct LimiterStats {
     pub admitted: u64,
     /// Rejections by a limit ([`Rejection::Limited`]).
     pub rejected: u64,
+    /// Of `rejected`, those whose limit was a project's, a key's or an alias's.
+    pub rejected_project: u64,
+    pub rejected_key: u64,
+    pub rejected_alias: u64,
     /// Redis calls (admissions and settlements) that got no answer.
     pub redis_failures: u64,
     /// Admissions decided in process because Redis could not be reached.
@@ -394,6 +398,8 @@ struct Inner {
     on_redis_failure: FailureMode,
     admitted: AtomicU64,
     rejected: AtomicU64,
+    /// By [`LimitScope`]: project, key, alias.
+    rejected_by_scope: [AtomicU64; 3],
     redis_failures: AtomicU64,
     fail_open_decisions: AtomicU64,
     fail_closed_rejections: AtomicU64,
@@ -489,6 +495,7 @@ impl Limiter {
                 on_redis_failure: config.on_redis_failure,
                 admitted: AtomicU64::new(0),
                 rejected: AtomicU64::new(0),
+                rejected_by_scope: Default::default(),
                 redis_failures: AtomicU64::new(0),
                 fail_open_decisions: AtomicU64::new(0),
                 fail_closed_rejections: AtomicU64::new(0),
@@ -514,7 +521,7 @@ impl Limiter {
                 remaining: 0,
                 reset: Duration::ZERO,
             });
-            inner.rejected.fetch_add(1, Ordering::Relaxed);
+            inner.count_rejection(zero.scope);
             return Err(Rejection::Limited {
                 scope: zero.scope,
                 name: zero.name.clone(),
@@ -586,7 +593,7 @@ impl Limiter {
             return Err(Rejection::Unavailable);
         };
         let oversized = line.oversized();
-        inner.rejected.fetch_add(1, Ordering::Relaxed);
+        inner.count_rejection(line.scope);
         Err(Rejection::Limited {
             scope: line.scope,
             name: line.name.clone(),
@@ -607,6 +614,9 @@ impl Limiter {
         LimiterStats {
             admitted: inner.admitted.load(Ordering::Relaxed),
             rejected: inner.rejected.load(Ordering::Relaxed),
+            rejected_project: inner.rejected_by_scope[0].load(Ordering::Relaxed),
+            rejected_key: inner.rejected_by_scope[1].load(Ordering::Relaxed),
+            rejected_alias: inner.rejected_by_scope[2].load(Ordering::Relaxed),
             redis_failures: inner.redis_failures.load(Ordering::Relaxed),
             fail_open_decisions: inner.fail_open_decisions.load(Ordering::Relaxed),
             fail_closed_rejections: inner.fail_closed_rejections.load(Ordering::Relaxed),
@@ -615,6 +625,16 @@ impl Limiter {
 }
 
 impl Inner {
+    fn count_rejection(&self, scope: LimitScope) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        let index = match scope {
+            LimitScope::Project => 0,
+            LimitScope::Key => 1,
+            LimitScope::Alias => 2,
+        };
+        self.rejected_by_scope[index].fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Decides in process, with this replica's share of each limit.
     fn decide_locally(&self, lines: Vec<Line>) -> (Via, Vec<Line>, Outcome) {
         let lines: Vec<Line> = lines
@@ -779,6 +799,14 @@ mod tests {
         );
         let stats = limiter.stats();
         assert_eq!((stats.admitted, stats.rejected), (10, 1));
+        assert_eq!(
+            (
+                stats.rejected_project,
+                stats.rejected_key,
+                stats.rejected_alias
+            ),
+            (0, 1, 0)
+        );
     }
 
     #[tokio::test(start_paused = true)]
