@@ -1,7 +1,8 @@
 //! The deployment topology of `deploy/`, on this machine without containers: nginx (the Debian
 //! package) in front of two `gateway` processes on loopback that share Postgres and Redis. A
-//! rolling restart of both replicas under load fails no request, and the ledger in the shared
-//! Postgres has every request the clients saw answered.
+//! rolling restart of both replicas under load fails no request, the ledger in the shared
+//! Postgres has every request the clients saw answered, and a key revoked in the shared
+//! database is refused by both replicas (and so through nginx) within 5 s.
 //!
 //! nginx runs with the proxy settings of `deploy/nginx/nginx.conf` (its `location /` block is
 //! copied from that file, so the test exercises what is shipped).
@@ -41,6 +42,10 @@ fn gateway_config(port: u16, admin: u16, database: &str, spool: &Path, upstream:
 listen = "127.0.0.1:{port}"
 admin_listen = "127.0.0.1:{admin}"
 shutdown_grace_secs = 20
+# Every client here, nginx included, is 127.0.0.1: the polls for the new and the revoked key
+# would be throttled as one attacker's failures.
+[server.auth_failures]
+max_failures = 0
 [database]
 url = "{database}"
 spool_dir = "{spool}"
@@ -172,6 +177,61 @@ impl Drop for Nginx {
     }
 }
 
+fn gateway_cli(config: &Path, args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .current_dir(config.parent().unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "gateway {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// The `name: value` line of `gateway keys create` output.
+fn field(output: &str, name: &str) -> String {
+    output
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{name}: ")))
+        .unwrap_or_else(|| panic!("no {name} in {output:?}"))
+        .to_owned()
+}
+
+/// Waits until every base URL answers `want` to a chat request with `key`; returns how long.
+async fn until_every(urls: &[&str], key: &str, want: u16, limit: Duration) -> Duration {
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    loop {
+        let mut all = true;
+        let mut seen = Vec::new();
+        for url in urls {
+            let status = client
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(key)
+                .json(&json!({"model": "chat", "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap()
+                .status();
+            all &= status.as_u16() == want;
+            seen.push(status.as_u16());
+        }
+        if all {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "not every replica answered {want} within {limit:?}: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 #[derive(Debug, Default)]
 struct Tally {
     ok: u64,
@@ -295,6 +355,24 @@ async fn a_rolling_restart_behind_nginx_fails_no_request() {
         worker.await.unwrap();
     }
     let elapsed = started.elapsed();
+
+    // A key made in the shared database works on both replicas behind nginx; revoked, it is
+    // refused by both within the 5 s the issue allows.
+    let created = gateway_cli(
+        &replicas[0].config,
+        &["keys", "create", "--project", "topology"],
+    );
+    let (key_id, secret) = (field(&created, "key_id"), field(&created, "secret"));
+    let urls = [
+        replicas[0].url.as_str(),
+        replicas[1].url.as_str(),
+        nginx.url.as_str(),
+    ];
+    until_every(&urls, &secret, 200, Duration::from_secs(10)).await;
+    gateway_cli(&replicas[1].config, &["keys", "revoke", &key_id]);
+    let revoked_in = until_every(&urls, &secret, 401, Duration::from_secs(5)).await;
+    println!("a revoked key was refused by both replicas and through nginx after {revoked_in:.2?}");
+
     for replica in &mut replicas {
         replica.stop().await;
     }
