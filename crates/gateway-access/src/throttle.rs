@@ -8,7 +8,7 @@
 //! does both.
 
 use crate::config::AuthFailureConfig;
-use gateway_core::PeerAddr;
+use gateway_core::{ClientIp, PeerAddr};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -17,11 +17,16 @@ use std::time::{Duration, Instant};
 
 /// The client IP a request's failures are counted against.
 ///
-/// Today the TCP peer; it becomes the client IP resolved behind trusted proxies when the
-/// request carries one. IPv6 clients are counted per /64, the block one host usually holds,
-/// so walking through its addresses does not reset the count.
+/// The client IP the server resolved (behind trusted proxies, the address they reported),
+/// else the TCP peer: throttling the load balancer's own address would throttle everyone.
+/// IPv6 clients are counted per /64, the block one host usually holds, so walking through its
+/// addresses does not reset the count.
 pub fn client_ip<B>(request: &http::Request<B>) -> Option<IpAddr> {
-    let ip = request.extensions().get::<PeerAddr>()?.0.ip();
+    let extensions = request.extensions();
+    let ip = match extensions.get::<ClientIp>() {
+        Some(client) => client.0,
+        None => extensions.get::<PeerAddr>()?.0.ip(),
+    };
     Some(match ip {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),

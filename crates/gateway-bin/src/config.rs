@@ -117,7 +117,10 @@ impl GatewayConfig {
             return Err(ConfigLoadError::Invalid(errors));
         };
 
-        let server = table_section(&mut root, "server", &mut errors);
+        let server: Option<ServerConfig> = table_section(&mut root, "server", &mut errors);
+        if let Some(server) = &server {
+            errors.extend(server.validate());
+        }
         let database = table_section(&mut root, "database", &mut errors);
         let observability: Option<ObservabilityConfig> =
             table_section(&mut root, "observability", &mut errors);

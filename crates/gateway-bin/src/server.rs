@@ -8,23 +8,25 @@ use crate::service::{AppState, build_stack};
 use crate::state::Snapshot;
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use gateway_access::{AuthThrottle, DbKeys};
+use gateway_access::framing::{FramingGuard, FramingVerdict};
+use gateway_access::tls::{ALPN_H2, TlsAcceptor};
+use gateway_access::{AuthThrottle, DbKeys, ServerConfig, TrustedProxies, proxy_protocol};
 use gateway_business::budget::Budgets;
 use gateway_business::{UsageWriter, WriterStats};
-use gateway_core::{PeerAddr, RequestObserver};
+use gateway_core::{ClientIp, PeerAddr, RequestObserver};
 use gateway_observability::{AccessLog, RequestMetrics};
 use gateway_policy::Policy;
 use gateway_providers::UpstreamClient;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tower::ServiceExt as _;
@@ -45,6 +47,8 @@ pub struct RunningGateway {
     grace: Duration,
     /// OTLP trace export, when `[observability.tracing]` is on.
     tracing: Option<gateway_observability::OtlpTracing>,
+    drain_delay: Duration,
+    tls_reloader: Option<JoinHandle<()>>,
 }
 
 impl RunningGateway {
@@ -84,6 +88,13 @@ impl RunningGateway {
         let policy = Policy::new(&config.policy).context("starting the policy layer")?;
         let budgets = Budgets::new(&config.budget, &config.budgets, &config.database)
             .context("starting the budgets")?;
+        let tls = config
+            .server
+            .tls
+            .as_ref()
+            .map(TlsAcceptor::new)
+            .transpose()
+            .context("loading [server.tls]")?;
         let listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("binding {}", config.server.listen))?;
@@ -143,13 +154,24 @@ impl RunningGateway {
                 .as_ref()
                 .map(gateway_observability::OtlpTracing::tracer),
         );
+        let tls_reloader = tls.as_ref().map(TlsAcceptor::spawn_reloader);
+        let front = Arc::new(FrontDoor {
+            tls,
+            trusted: TrustedProxies::new(&config.server.trusted_proxies),
+            proxy_protocol: config.server.proxy_protocol,
+            handshake_timeout: config.server.handshake_timeout(),
+            max_header_bytes: config.server.max_header_bytes,
+        });
         let server = tokio::spawn(accept_loop(
             listener,
             stack,
+            front,
+            http_builder(&config.server),
             stopped.clone(),
             Duration::from_secs(config.server.shutdown_grace_secs),
         ));
         let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+        let drain_delay = Duration::from_secs(config.server.drain_delay_secs);
         let summary = (
             config.version.clone(),
             config.models.len(),
@@ -199,6 +221,8 @@ impl RunningGateway {
             writer,
             grace,
             tracing,
+            drain_delay,
+            tls_reloader,
         })
     }
 
@@ -232,14 +256,25 @@ impl RunningGateway {
             .map(gateway_observability::OtlpTracing::stats)
     }
 
-    /// Stops accepting, lets in-flight requests finish within the grace period, then writes
-    /// the queued usage records.
+    /// Turns `/readyz` false, keeps accepting for `drain_delay_secs` (so a load balancer sees
+    /// the drain before connections are refused), stops accepting, lets in-flight requests
+    /// finish within the grace period, then writes the queued usage records.
     pub async fn shutdown(self) -> WriterStats {
         self.state.ready.store(false, Ordering::Release);
+        if !self.drain_delay.is_zero() {
+            tracing::info!(
+                drain_delay_secs = self.drain_delay.as_secs(),
+                "draining: not ready, still accepting"
+            );
+            tokio::time::sleep(self.drain_delay).await;
+        }
         if let Some(follower) = &self.key_follower {
             follower.abort();
         }
         let _ignored = self.stop.send(true);
+        if let Some(reloader) = &self.tls_reloader {
+            reloader.abort();
+        }
         if let Err(err) = self.server.await {
             tracing::error!(error = %err, "server task failed");
         }
@@ -298,9 +333,50 @@ fn key_store(config: &GatewayConfig) -> Option<gateway_business::UsageStore> {
     }
 }
 
+/// What the connection tasks need to know about the front door.
+struct FrontDoor {
+    tls: Option<TlsAcceptor>,
+    trusted: TrustedProxies,
+    proxy_protocol: bool,
+    handshake_timeout: Duration,
+    max_header_bytes: usize,
+}
+
+/// The HTTP/1.1 and h2 settings of the data-plane listener (`[server]` hardening keys).
+fn http_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(server.header_read_timeout())
+        .max_buf_size(server.max_header_bytes);
+    let keep_alive = (server.h2_keep_alive_interval_secs > 0)
+        .then(|| Duration::from_secs(server.h2_keep_alive_interval_secs));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(server.h2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(server.h2_max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(server.h2_max_local_error_reset_streams)
+        .keep_alive_interval(keep_alive)
+        .keep_alive_timeout(Duration::from_secs(server.h2_keep_alive_timeout_secs));
+    builder
+}
+
+/// The stack's response, or the front door's own refusal of an ambiguously framed request.
+type ConnResponse = http::Response<
+    http_body_util::Either<
+        gateway_observability::FinishBody<crate::service::ResponseBody>,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+>;
+
 async fn accept_loop<S>(
     listener: TcpListener,
     stack: S,
+    front: Arc<FrontDoor>,
+    builder: auto::Builder<TokioExecutor>,
     mut stopped: watch::Receiver<bool>,
     grace: Duration,
 ) where
@@ -315,12 +391,7 @@ async fn accept_loop<S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
-    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     loop {
         tokio::select! {
@@ -339,21 +410,16 @@ async fn accept_loop<S>(
                 if let Err(err) = stream.set_nodelay(true) {
                     tracing::debug!(error = %err, "could not set TCP_NODELAY");
                 }
-                let service = TowerToHyperService::new(stack.clone().map_request(
-                    move |mut request: http::Request<hyper::body::Incoming>| {
-                        request.extensions_mut().insert(PeerAddr(peer));
-                        request
-                    },
+                // The PROXY header and the TLS handshake run in the connection's task: a slow
+                // or silent client must never hold up the accept loop.
+                tokio::spawn(serve_connection(
+                    stream,
+                    peer,
+                    front.clone(),
+                    builder.clone(),
+                    stack.clone(),
+                    graceful.watcher(),
                 ));
-                let connection = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Err(err) = connection.await {
-                        tracing::debug!(error = %err, "connection ended with an error");
-                    }
-                });
             }
             _ = stopped.changed() => break,
         }
@@ -368,4 +434,148 @@ async fn accept_loop<S>(
             "in-flight requests did not finish within the grace period"
         );
     }
+}
+
+/// One connection: PROXY header (when configured), TLS handshake (when configured), then HTTP.
+async fn serve_connection<S>(
+    mut stream: TcpStream,
+    tcp_peer: SocketAddr,
+    front: Arc<FrontDoor>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    stack: S,
+    watcher: Watcher,
+) where
+    S: tower::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<
+                gateway_observability::FinishBody<crate::service::ResponseBody>,
+            >,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let mut peer = tcp_peer;
+    if front.proxy_protocol {
+        // Anyone else could claim any address.
+        if !front.trusted.contains(tcp_peer.ip()) {
+            tracing::warn!(peer = %tcp_peer, "PROXY protocol connection from an untrusted peer refused");
+            return;
+        }
+        match proxy_protocol::read_header(&mut stream, front.handshake_timeout).await {
+            Ok(Some(source)) => peer = source,
+            Ok(None) => {}
+            Err(err) => {
+                tracing::warn!(peer = %tcp_peer, error = %err, "connection without a valid PROXY header closed");
+                return;
+            }
+        }
+    }
+    let Some(tls) = &front.tls else {
+        serve_http(stream, peer, true, &front, &builder, stack, watcher).await;
+        return;
+    };
+    let stream = match tokio::time::timeout(front.handshake_timeout, tls.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => {
+            tracing::debug!(peer = %peer, error = %err, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(peer = %peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    // h2 frames its own messages: only HTTP/1.1 needs its framing watched.
+    let h1 = stream.get_ref().1.alpn_protocol() != Some(ALPN_H2);
+    serve_http(stream, peer, h1, &front, &builder, stack, watcher).await;
+}
+
+async fn serve_http<IO, S>(
+    io: IO,
+    peer: SocketAddr,
+    h1: bool,
+    front: &FrontDoor,
+    builder: &auto::Builder<TokioExecutor>,
+    stack: S,
+    watcher: Watcher,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<
+                gateway_observability::FinishBody<crate::service::ResponseBody>,
+            >,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let verdict = Arc::new(FramingVerdict::default());
+    let trusted = front.trusted.clone();
+    let service = hyper::service::service_fn({
+        let verdict = verdict.clone();
+        move |mut request: http::Request<hyper::body::Incoming>| {
+            let client = trusted.client_ip(peer.ip(), request.headers());
+            let admitted = verdict.admit();
+            request.extensions_mut().insert(PeerAddr(peer));
+            request.extensions_mut().insert(ClientIp(client));
+            let stack = stack.clone();
+            async move {
+                if !admitted {
+                    tracing::warn!(peer = %peer, client_ip = %client, "ambiguous request framing refused");
+                    return Ok::<ConnResponse, std::convert::Infallible>(ambiguous_framing());
+                }
+                let Ok(response) = stack.oneshot(request).await;
+                Ok(response.map(http_body_util::Either::Left))
+            }
+        }
+    });
+    let result = if h1 {
+        let guarded = FramingGuard::new(io, verdict, front.max_header_bytes);
+        watcher
+            .watch(
+                builder
+                    .serve_connection(TokioIo::new(guarded), service)
+                    .into_owned(),
+            )
+            .await
+    } else {
+        watcher
+            .watch(
+                builder
+                    .serve_connection(TokioIo::new(io), service)
+                    .into_owned(),
+            )
+            .await
+    };
+    if let Err(err) = result {
+        tracing::debug!(error = %err, "connection ended with an error");
+    }
+}
+
+/// 400 and `Connection: close`: hyper then closes the connection, so nothing the client sent
+/// after this request is read as a request.
+fn ambiguous_framing() -> ConnResponse {
+    let body = gateway_core::GatewayError::invalid_request(
+        "Ambiguous request framing: Content-Length with Transfer-Encoding, or Content-Length repeated",
+        None,
+    )
+    .to_json();
+    let mut response = http::Response::new(http_body_util::Either::Right(
+        http_body_util::Full::new(body),
+    ));
+    *response.status_mut() = http::StatusCode::BAD_REQUEST;
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    response
 }

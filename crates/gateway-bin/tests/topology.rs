@@ -135,7 +135,7 @@ http {{
     scgi_temp_path {prefix}/scgi;
     upstream gateway {{
 {servers}        keepalive 64;
-        keepalive_timeout 30s;
+        keepalive_timeout 5s;
     }}
     server {{
         listen 127.0.0.1:{port};

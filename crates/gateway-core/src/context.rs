@@ -55,6 +55,12 @@ impl std::fmt::Display for RequestId {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerAddr(pub std::net::SocketAddr);
 
+/// The client's address as the access layer derived it: the peer's, or, when the peer is a
+/// trusted proxy, the one the proxy reported (`X-Forwarded-For`, `Forwarded`). Put in the
+/// request's extensions by the server next to [`PeerAddr`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientIp(pub std::net::IpAddr);
+
 /// The authenticated caller.
 #[derive(Debug, Clone)]
 pub struct Principal {
@@ -108,6 +114,8 @@ pub struct RequestOutcome {
     pub streamed_output_chars: u64,
     /// Headers the response gets whatever its status (the rate-limit quotas).
     pub response_headers: Option<Box<http::HeaderMap>>,
+    /// The client's address (see [`ClientIp`]), for the access log.
+    pub client_ip: Option<std::net::IpAddr>,
 }
 
 impl RequestOutcome {

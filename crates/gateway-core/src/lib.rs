@@ -15,8 +15,8 @@ pub mod provider;
 pub mod trace;
 
 pub use context::{
-    FinishHold, FinishHook, FinishedRequest, PeerAddr, Principal, RequestContext, RequestId,
-    RequestObserver, RequestOutcome,
+    ClientIp, FinishHold, FinishHook, FinishedRequest, PeerAddr, Principal, RequestContext,
+    RequestId, RequestObserver, RequestOutcome,
 };
 pub use error::{ErrorType, GatewayError};
 pub use keys::{DirectoryKey, KeyDirectory, KeyDirectoryError, KeySet};

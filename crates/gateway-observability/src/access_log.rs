@@ -21,6 +21,7 @@ impl RequestObserver for AccessLog {
             target: "access",
             request_id = %context.id,
             trace_id = trace_id.as_deref(),
+            client_ip = outcome.client_ip.map(tracing::field::display),
             method = %context.method,
             path = %context.path,
             status = finished.status.as_u16(),

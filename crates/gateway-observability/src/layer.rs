@@ -2,7 +2,7 @@
 
 use bytes::Buf;
 use gateway_core::trace::Tracer;
-use gateway_core::{FinishedRequest, RequestContext, RequestId, RequestObserver};
+use gateway_core::{ClientIp, FinishedRequest, RequestContext, RequestId, RequestObserver};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -87,6 +87,9 @@ where
             )
             .with_trace(trace),
         );
+        if let Some(client) = request.extensions().get::<ClientIp>() {
+            context.outcome().client_ip = Some(client.0);
+        }
         request.extensions_mut().insert(context.clone());
         ObserveFuture {
             inner: self.inner.call(request),
