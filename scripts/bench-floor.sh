@@ -48,8 +48,14 @@ http {
 }
 CONF
 nginx=$(command -v nginx || echo /usr/sbin/nginx)
-# The harness passes the mock's address in MOCK_BASE_URL (http://HOST:PORT/v1); /v1 stays in
-# the request path, as it does through the gateway.
-GW_NAME=nginx-floor \
-GW_CMD="hostport=\$(echo \"\$MOCK_BASE_URL\" | sed -E 's#^https?://([^/]+).*#\\1#'); sed \"s#MOCK_HOST_PORT#\$hostport#\" $work/nginx.conf.in > $work/nginx.conf && exec $nginx -p $work -c $work/nginx.conf" \
+# The harness starts GW_CMD with `exec` and passes the mock's address in MOCK_BASE_URL
+# (http://HOST:PORT/v1); /v1 stays in the request path, as it does through the gateway.
+cat > "$work/start.sh" <<START
+#!/bin/sh
+hostport=\$(echo "\$MOCK_BASE_URL" | sed -E 's#^https?://([^/]+).*#\\1#')
+sed "s#MOCK_HOST_PORT#\$hostport#" "$work/nginx.conf.in" > "$work/nginx.conf"
+exec "$nginx" -p "$work" -c "$work/nginx.conf"
+START
+chmod +x "$work/start.sh"
+GW_NAME=nginx-floor GW_CMD="$work/start.sh" \
   "$bench/run.sh" url http://127.0.0.1:18080/v1 sk-unused
