@@ -372,6 +372,34 @@ type ConnResponse = http::Response<
     >,
 >;
 
+/// What the listener serves: the tower stack `build_stack` composes, as each connection task
+/// needs it (one name for the bounds the accept loop and the connection tasks share).
+trait DataPlane:
+    tower::Service<
+        http::Request<hyper::body::Incoming>,
+        Response = http::Response<gateway_observability::FinishBody<crate::service::ResponseBody>>,
+        Error = std::convert::Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> DataPlane for S where
+    S: tower::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<
+                gateway_observability::FinishBody<crate::service::ResponseBody>,
+            >,
+            Error = std::convert::Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
 async fn accept_loop<S>(
     listener: TcpListener,
     stack: S,
@@ -380,16 +408,7 @@ async fn accept_loop<S>(
     mut stopped: watch::Receiver<bool>,
     grace: Duration,
 ) where
-    S: tower::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<
-                gateway_observability::FinishBody<crate::service::ResponseBody>,
-            >,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: DataPlane,
 {
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
@@ -445,16 +464,7 @@ async fn serve_connection<S>(
     stack: S,
     watcher: Watcher,
 ) where
-    S: tower::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<
-                gateway_observability::FinishBody<crate::service::ResponseBody>,
-            >,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: DataPlane,
 {
     let mut peer = tcp_peer;
     if front.proxy_protocol {
@@ -502,16 +512,7 @@ async fn serve_http<IO, S>(
     watcher: Watcher,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: tower::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<
-                gateway_observability::FinishBody<crate::service::ResponseBody>,
-            >,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: DataPlane,
 {
     let verdict = Arc::new(FramingVerdict::default());
     let trusted = front.trusted.clone();

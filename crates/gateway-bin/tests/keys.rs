@@ -15,37 +15,19 @@
 )]
 
 mod common;
+mod process;
 
 use common::fresh_postgres_database;
 use gateway_test_support::MockUpstream;
+use process::{GatewayProcess, free_port, gateway_cli, gateway_cli_status, output_field};
 use serde_json::{Value, json};
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const ADMIN_TOKEN: &str = "keys-test-admin-token";
 const CONFIG_KEY: &str = "sk-config-key-of-team-a";
 /// The bar: a revoked key is refused by every replica within this long.
 const REVOCATION_BAR: Duration = Duration::from_secs(5);
-
-/// A child process killed when the test ends, passed or not.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// `max_failures` bounds the refused keys per client IP and minute; the replicas test sees
 /// many refusals on purpose (waiting for a revocation), so it sets it high.
@@ -96,78 +78,32 @@ api_keys = [{{ id = "cfg", sha256 = "{hash}" }}]
 
 /// Runs `gateway --config CONFIG ARGS...`; returns stdout, or panics with stderr on failure.
 fn cli(config: &Path, args: &[&str]) -> String {
-    let (ok, stdout, stderr) = cli_status(config, args);
-    assert!(ok, "gateway {args:?} failed: {stderr}");
-    stdout
+    gateway_cli(config, &[("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)], args)
 }
 
 fn cli_status(config: &Path, args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .current_dir(config.parent().unwrap())
-        .env("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
-        .output()
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8(output.stdout).unwrap(),
-        String::from_utf8(output.stderr).unwrap(),
-    )
+    gateway_cli_status(config, &[("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)], args)
 }
 
-/// The `field: value` line of `keys create` / `keys rotate` output.
 fn field(output: &str, name: &str) -> String {
-    output
-        .lines()
-        .find_map(|line| line.strip_prefix(&format!("{name}: ")))
-        .unwrap_or_else(|| panic!("no {name} in {output:?}"))
-        .to_owned()
+    output_field(output, name)
 }
 
 struct Replica {
-    _process: Killed,
+    _process: GatewayProcess,
     url: String,
     admin: String,
 }
 
 async fn start_replica(dir: &Path, upstream: &str, database_url: &str) -> Replica {
     let (port, admin) = (free_port(), free_port());
-    let path = dir.join("gateway.toml");
-    std::fs::write(
-        &path,
-        config_text(upstream, database_url, port, admin, 1_000_000),
-    )
-    .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .arg("--config")
-        .arg(&path)
-        .arg("serve")
-        .current_dir(dir)
-        .env("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
-    let started = Instant::now();
-    loop {
-        if let Ok(response) = client.get(format!("{url}/readyz")).send().await
-            && response.status() == 200
-        {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "replica did not get ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let config = config_text(upstream, database_url, port, admin, 1_000_000);
+    let process =
+        GatewayProcess::start_with_env(dir, port, &config, &[("GATEWAY_ADMIN_TOKEN", ADMIN_TOKEN)])
+            .await;
     Replica {
-        _process: Killed(child),
-        url,
+        url: process.url.clone(),
+        _process: process,
         admin: format!("http://127.0.0.1:{admin}"),
     }
 }

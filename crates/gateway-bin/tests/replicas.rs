@@ -13,10 +13,13 @@
     reason = "a test that cannot go on should fail on the spot; the measured rates are printed"
 )]
 
+mod process;
+
 use gateway_test_support::MockUpstream;
+use process::{GatewayProcess, KillOnDrop, free_port};
 use serde_json::json;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -24,24 +27,6 @@ use std::time::{Duration, Instant};
 const KEY: &str = "sk-replica-test";
 /// Requests per minute for the project, shared by every replica.
 const LIMIT: u64 = 600;
-
-/// A child process killed when the test ends, passed or not.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 async fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
     let started = Instant::now();
@@ -54,7 +39,7 @@ async fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
     }
 }
 
-async fn start_redis() -> (Killed, u16) {
+async fn start_redis() -> (KillOnDrop, u16) {
     let port = free_port();
     let child = Command::new("redis-server")
         .args([
@@ -73,11 +58,11 @@ async fn start_redis() -> (Killed, u16) {
         .expect("redis-server must be installed (scripts/services.sh starts the machine's)");
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     wait_until("redis-server", || TcpStream::connect(addr).is_ok()).await;
-    (Killed(child), port)
+    (KillOnDrop(child), port)
 }
 
 struct Replica {
-    _process: Killed,
+    _process: GatewayProcess,
     url: String,
     _dir: tempfile::TempDir,
 }
@@ -120,36 +105,10 @@ rate_limit = {{ requests_per_minute = {LIMIT} }}
         upstream = upstream.base_url(),
         hash = gateway_access::hash_key(KEY),
     );
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, config).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .arg("--config")
-        .arg(&path)
-        .arg("serve")
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-    let ready = format!("{url}/readyz");
-    let client = reqwest::Client::new();
-    let started = Instant::now();
-    loop {
-        if let Ok(response) = client.get(&ready).send().await
-            && response.status() == 200
-        {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "replica did not get ready"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let process = GatewayProcess::start(dir.path(), port, &config).await;
     Replica {
-        _process: Killed(child),
-        url,
+        url: process.url.clone(),
+        _process: process,
         _dir: dir,
     }
 }

@@ -23,7 +23,7 @@ mod process;
 
 use common::fresh_postgres_database;
 use gateway_test_support::MockUpstream;
-use process::{GatewayProcess, free_port};
+use process::{GatewayProcess, free_port, gateway_cli, output_field};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -175,31 +175,6 @@ impl Drop for Nginx {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn gateway_cli(config: &Path, args: &[&str]) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .current_dir(config.parent().unwrap())
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "gateway {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
-/// The `name: value` line of `gateway keys create` output.
-fn field(output: &str, name: &str) -> String {
-    output
-        .lines()
-        .find_map(|line| line.strip_prefix(&format!("{name}: ")))
-        .unwrap_or_else(|| panic!("no {name} in {output:?}"))
-        .to_owned()
 }
 
 /// Waits until every base URL answers `want` to a chat request with `key`; returns how long.
@@ -360,16 +335,20 @@ async fn a_rolling_restart_behind_nginx_fails_no_request() {
     // refused by both within the 5 s the issue allows.
     let created = gateway_cli(
         &replicas[0].config,
+        &[],
         &["keys", "create", "--project", "topology"],
     );
-    let (key_id, secret) = (field(&created, "key_id"), field(&created, "secret"));
+    let (key_id, secret) = (
+        output_field(&created, "key_id"),
+        output_field(&created, "secret"),
+    );
     let urls = [
         replicas[0].url.as_str(),
         replicas[1].url.as_str(),
         nginx.url.as_str(),
     ];
     until_every(&urls, &secret, 200, Duration::from_secs(10)).await;
-    gateway_cli(&replicas[1].config, &["keys", "revoke", &key_id]);
+    gateway_cli(&replicas[1].config, &[], &["keys", "revoke", &key_id]);
     let revoked_in = until_every(&urls, &secret, 401, Duration::from_secs(5)).await;
     println!("a revoked key was refused by both replicas and through nginx after {revoked_in:.2?}");
 

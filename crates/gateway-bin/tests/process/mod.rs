@@ -16,6 +16,55 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Any child process (a private `redis-server`, say), killed when the test ends, passed or
+/// not.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `gateway --config CONFIG ARGS...` in the config's directory with `env` set; returns
+/// whether it succeeded, its stdout and its stderr.
+pub fn gateway_cli_status(
+    config: &Path,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .current_dir(config.parent().unwrap())
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+/// [`gateway_cli_status`] that must succeed; returns stdout.
+pub fn gateway_cli(config: &Path, env: &[(&str, &str)], args: &[&str]) -> String {
+    let (ok, stdout, stderr) = gateway_cli_status(config, env, args);
+    assert!(ok, "gateway {args:?} failed: {stderr}");
+    stdout
+}
+
+/// The `name: value` line of `gateway keys create` / `keys rotate` output.
+pub fn output_field(output: &str, name: &str) -> String {
+    output
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{name}: ")))
+        .unwrap_or_else(|| panic!("no {name} in {output:?}"))
+        .to_owned()
+}
+
 /// A `gateway serve` child process, killed if the test ends while it runs.
 pub struct GatewayProcess {
     child: Option<Child>,
@@ -27,6 +76,12 @@ impl GatewayProcess {
     /// Writes `config` to `dir/gateway.toml`, starts `gateway serve` on it in `dir`, and waits
     /// until `/readyz` answers 200 on `port`.
     pub async fn start(dir: &Path, port: u16, config: &str) -> Self {
+        Self::start_with_env(dir, port, config, &[]).await
+    }
+
+    /// [`GatewayProcess::start`] with environment variables set (secrets the config names as
+    /// `${VAR}`).
+    pub async fn start_with_env(dir: &Path, port: u16, config: &str, env: &[(&str, &str)]) -> Self {
         let path = dir.join("gateway.toml");
         std::fs::write(&path, config).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_gateway"))
@@ -34,6 +89,7 @@ impl GatewayProcess {
             .arg(&path)
             .arg("serve")
             .current_dir(dir)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
