@@ -9,7 +9,7 @@
 
 use crate::directory::DbKeys;
 use crate::keys::KeyStore;
-use crate::throttle::{AuthThrottle, client_ip};
+use crate::throttle::{AuthThrottle, throttle_key};
 use futures_util::future::{Either, Ready, ready};
 use gateway_core::trace::otel::KeyValue;
 use gateway_core::trace::otel::trace::{Span as _, SpanKind, Status};
@@ -94,7 +94,7 @@ where
                 "no key store for this request".into(),
             ))));
         };
-        let ip = client_ip(&request);
+        let ip = throttle_key(&request);
         if let (Some(throttle), Some(ip)) = (&self.throttle, ip)
             && let Some(wait) = throttle.check(ip, Instant::now())
         {

@@ -96,18 +96,16 @@ impl KeyStore {
                 .unwrap_or_else(|_| "{}".into())
                 .into();
             let project_name: Arc<str> = project.name.as_str().into();
-            templates.insert(
-                project_name.clone(),
-                Principal {
-                    project: project_name.clone(),
-                    key_id: "".into(),
-                    allowed_models: allowed_models.clone(),
-                    tags: tags.clone(),
-                    tags_json: tags_json.clone(),
-                    project_rate_limit: project.rate_limit,
-                    key_rate_limit: None,
-                },
-            );
+            // What every key of the project shares; database keys are made from it too.
+            let template = Principal {
+                project: project_name.clone(),
+                key_id: "".into(),
+                allowed_models,
+                tags,
+                tags_json,
+                project_rate_limit: project.rate_limit,
+                key_rate_limit: None,
+            };
             let mut key_ids = HashSet::new();
             for (key_index, key) in project.api_keys.iter().enumerate() {
                 let key_path = format!("{path}.api_keys[{key_index}]");
@@ -129,13 +127,9 @@ impl KeyStore {
                     continue;
                 }
                 let principal = Principal {
-                    project: project_name.clone(),
                     key_id: key.id.as_str().into(),
-                    allowed_models: allowed_models.clone(),
-                    tags: tags.clone(),
-                    tags_json: tags_json.clone(),
-                    project_rate_limit: project.rate_limit,
                     key_rate_limit: key.rate_limit,
+                    ..template.clone()
                 };
                 if by_digest
                     .insert(KeyDigestDebug(KeyDigest(digest)), principal)
@@ -147,6 +141,7 @@ impl KeyStore {
                     ));
                 }
             }
+            templates.insert(project_name, template);
         }
         if errors.is_empty() {
             let summaries = projects

@@ -26,4 +26,4 @@ pub use client_ip::TrustedProxies;
 pub use config::{AdminToken, ApiKeyConfig, AuthFailureConfig, ProjectConfig, ServerConfig};
 pub use directory::{DbKeyStats, DbKeys};
 pub use keys::{KeyStore, ProjectSummary, hash_key};
-pub use throttle::{AuthThrottle, ThrottleStats, client_ip};
+pub use throttle::{AuthThrottle, ThrottleStats};

@@ -21,21 +21,18 @@ use std::time::{Duration, Instant};
 /// else the TCP peer: throttling the load balancer's own address would throttle everyone.
 /// IPv6 clients are counted per /64, the block one host usually holds, so walking through its
 /// addresses does not reset the count.
-pub fn client_ip<B>(request: &http::Request<B>) -> Option<IpAddr> {
+pub(crate) fn throttle_key<B>(request: &http::Request<B>) -> Option<IpAddr> {
     let extensions = request.extensions();
     let ip = match extensions.get::<ClientIp>() {
         Some(client) => client.0,
         None => extensions.get::<PeerAddr>()?.0.ip(),
     };
-    Some(match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let mut segments = v6.segments();
-                segments[4..].fill(0);
-                IpAddr::from(segments)
-            }
-        },
+    Some(match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let mut segments = v6.segments();
+            segments[4..].fill(0);
+            IpAddr::from(segments)
+        }
         v4 @ IpAddr::V4(_) => v4,
     })
 }
@@ -222,15 +219,15 @@ mod tests {
             request.extensions_mut().insert(PeerAddr(addr));
             request
         };
-        let a = client_ip(&request("[2001:db8:1:2:aaaa::1]:5000")).unwrap();
-        let b = client_ip(&request("[2001:db8:1:2:bbbb::9]:6000")).unwrap();
-        let c = client_ip(&request("[2001:db8:1:3::1]:6000")).unwrap();
+        let a = throttle_key(&request("[2001:db8:1:2:aaaa::1]:5000")).unwrap();
+        let b = throttle_key(&request("[2001:db8:1:2:bbbb::9]:6000")).unwrap();
+        let c = throttle_key(&request("[2001:db8:1:3::1]:6000")).unwrap();
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_eq!(
-            client_ip(&request("[::ffff:192.0.2.1]:1")).unwrap(),
+            throttle_key(&request("[::ffff:192.0.2.1]:1")).unwrap(),
             IpAddr::from([192, 0, 2, 1])
         );
-        assert_eq!(client_ip(&http::Request::new(())), None);
+        assert_eq!(throttle_key(&http::Request::new(())), None);
     }
 }

@@ -285,13 +285,11 @@ impl Admin {
             return Ok(());
         }
         let snapshot = self.state.snapshot.load();
-        let mut as_data_plane = HeaderMap::new();
-        if let Ok(value) = HeaderValue::from_str(&format!("Bearer {presented}")) {
-            as_data_plane.insert(AUTHORIZATION, value);
-        }
+        // The presented token came from these headers' `Authorization`, which the data plane
+        // reads first too.
         if snapshot
             .keys
-            .authenticate_with(&as_data_plane, Some(&self.state.db_keys), SystemTime::now())
+            .authenticate_with(headers, Some(&self.state.db_keys), SystemTime::now())
             .is_ok()
         {
             return Err(AdminError::new(
@@ -509,21 +507,16 @@ impl Admin {
             .map_err(|err| AdminError::bad_request(err.to_string(), Some("group_by")))?;
         let query = ReportQuery { from, to, group_by };
         let result = report::report(self.store()?, &query).await;
-        let rendered = result
-            .map_err(|err| match err {
-                report::ReportError::EmptyRange { .. } => {
-                    AdminError::bad_request(err.to_string(), Some("from"))
-                }
-                other => {
-                    tracing::warn!(error = %other, "admin usage query failed");
-                    database_unavailable()
-                }
-            })?
-            .render(report::Format::Json)
-            .map_err(|err| AdminError::bad_request(err.to_string(), None))?;
-        let value: Value = serde_json::from_str(&rendered)
-            .map_err(|err| AdminError::bad_request(err.to_string(), None))?;
-        Ok((StatusCode::OK, value))
+        let report = result.map_err(|err| match err {
+            report::ReportError::EmptyRange { .. } => {
+                AdminError::bad_request(err.to_string(), Some("from"))
+            }
+            other => {
+                tracing::warn!(error = %other, "admin usage query failed");
+                database_unavailable()
+            }
+        })?;
+        Ok((StatusCode::OK, report.to_json()))
     }
 }
 

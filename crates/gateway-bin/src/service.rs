@@ -136,13 +136,8 @@ where
         // Cloning keeps `poll_ready`'s contract: the inner service is always ready.
         let mut inner = self.inner.clone();
         Box::pin(async move {
-            match inner.call(request).await {
-                Ok(mut response) => {
-                    if let Some(context) = &context {
-                        add_response_headers(context, &mut response);
-                    }
-                    Ok(response)
-                }
+            let mut response = match inner.call(request).await {
+                Ok(response) => response,
                 Err(err) => {
                     if let Some(context) = &context {
                         context.outcome().error_type = Some(err.error_type());
@@ -161,12 +156,13 @@ where
                     if let Some(extra) = err.extra_headers() {
                         response.headers_mut().extend(extra.clone());
                     }
-                    if let Some(context) = &context {
-                        add_response_headers(context, &mut response);
-                    }
-                    Ok(response)
+                    response
                 }
+            };
+            if let Some(context) = &context {
+                add_response_headers(context, &mut response);
             }
+            Ok(response)
         })
     }
 }
@@ -318,16 +314,14 @@ async fn claim_idempotency_key(
     if !store.is_enabled() {
         return Ok(None);
     }
-    let key = value
-        .to_str()
-        .ok()
-        .filter(|key| IdempotencyStore::validate_key(key).is_ok())
-        .ok_or_else(|| {
-            GatewayError::invalid_request(
-                "Idempotency-Key must be 1 to 255 visible ASCII characters.",
-                None,
-            )
-        })?;
+    let invalid_key = || {
+        GatewayError::invalid_request(
+            "Idempotency-Key must be 1 to 255 visible ASCII characters.",
+            None,
+        )
+    };
+    // The store checks the key's form itself (`IdempotencyError::InvalidKey`).
+    let key = value.to_str().map_err(|_| invalid_key())?;
     let fingerprint = IdempotencyStore::fingerprint(
         received.parts.method.as_str(),
         received.parts.uri.path(),
@@ -338,10 +332,7 @@ async fn claim_idempotency_key(
         .await
     {
         Ok(claim) => Ok(Some(claim)),
-        Err(IdempotencyError::InvalidKey) => Err(GatewayError::invalid_request(
-            "Idempotency-Key must be 1 to 255 visible ASCII characters.",
-            None,
-        )),
+        Err(IdempotencyError::InvalidKey) => Err(invalid_key()),
         Err(err) => {
             tracing::error!(request_id = %received.context.id, error = %err, "idempotency store refused");
             Err(GatewayError::PolicyUnavailable {
@@ -489,19 +480,7 @@ impl http_body::Body for StoringBody {
 }
 
 fn unknown_route(method: &Method, path: &str) -> GatewayError {
-    let known = [
-        "/v1/chat/completions",
-        "/v1/messages",
-        "/v1/embeddings",
-        "/v1/responses",
-        "/v1/images/generations",
-        "/v1/audio/speech",
-        "/v1/audio/transcriptions",
-        "/v1/models",
-        "/healthz",
-        "/readyz",
-    ];
-    if known.contains(&path) {
+    if gateway_core::SERVED_PATHS.contains(&path) {
         GatewayError::MethodNotAllowed {
             method: method.to_string(),
             path: path.to_owned(),
@@ -1487,17 +1466,18 @@ async fn walk_plan<T: AttemptReply>(
             };
             // A vendor error relayed as a reply: judged like an error, and if nothing better
             // comes of the rest of the plan, the client gets it as the vendor sent it.
-            let result = match result {
+            // `refused`: a vendor 4xx relayed as the vendor sent it, a success for the plan.
+            let (result, refused) = match result {
                 Ok(reply) => match reply.as_failure(attempt.provider()) {
                     Some(err) if failure_class(&err) != FailureClass::Client => {
                         last_reply = Some(reply);
-                        Err(err)
+                        (Err(err), false)
                     }
-                    _ => Ok(reply),
+                    failure => (Ok(reply), failure.is_some()),
                 },
                 Err(err) => {
                     last_reply = None;
-                    Err(err)
+                    (Err(err), false)
                 }
             };
             if let Some(span) = span.take() {
@@ -1506,8 +1486,6 @@ async fn walk_plan<T: AttemptReply>(
             let err = match result {
                 Ok(reply) => {
                     permit.success();
-                    // A relayed vendor refusal (a 4xx forwarded as the vendor sent it).
-                    let refused = reply.as_failure(attempt.provider()).is_some();
                     let label = if refused { "client_error" } else { "success" };
                     state.metrics.upstream_attempt(attempt.provider(), label);
                     let elapsed = started.elapsed();
@@ -1634,8 +1612,10 @@ fn end_attempt_span<T: AttemptReply>(
 /// reply (so the client gets the vendor's own error body), yet a 429 or 5xx must count for
 /// the breaker, the retries and the fallbacks like any other upstream error.
 trait AttemptReply {
-    /// The error this reply stands for, if it is one.
-    fn as_failure(&self, provider: &str) -> Option<GatewayError>;
+    /// The error this reply stands for, if it is one (translated replies never are).
+    fn as_failure(&self, _provider: &str) -> Option<GatewayError> {
+        None
+    }
 
     /// The vendor's HTTP status, for the attempt's span.
     fn status(&self) -> u16 {
@@ -1643,17 +1623,9 @@ trait AttemptReply {
     }
 }
 
-impl AttemptReply for ChatReply {
-    fn as_failure(&self, _provider: &str) -> Option<GatewayError> {
-        None
-    }
-}
+impl AttemptReply for ChatReply {}
 
-impl AttemptReply for gateway_core::provider::CompleteReply {
-    fn as_failure(&self, _provider: &str) -> Option<GatewayError> {
-        None
-    }
-}
+impl AttemptReply for gateway_core::provider::CompleteReply {}
 
 impl AttemptReply for ForwardReply {
     fn status(&self) -> u16 {

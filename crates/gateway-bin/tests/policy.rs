@@ -425,9 +425,12 @@ backoff_max_ms = 2
             .json(&json!({"model": "claude", "max_tokens": 10,
                 "messages": [{"role": "user", "content": "hi"}]}))
     };
-    // Overloaded once, then fine: the client never sees the 529.
+    // Overloaded once, then fine: the client never sees the 529. The 529 is held back for a
+    // moment so the task below makes the vendor recover before the retry arrives, however
+    // loaded the machine (without the delay it sometimes lost that race to a 1 ms back-off).
     up.set_behaviour(Behaviour {
         status: Some(529),
+        delay_ms: 200,
         ..Behaviour::default()
     });
     let recover = {

@@ -275,29 +275,31 @@ impl Report {
                 all.push(total);
                 csv_text(&header, &all)
             }
-            Format::Json => {
-                let json_row = |key: Option<&[Option<String>]>, totals: &Totals| {
-                    let mut object = Map::new();
-                    if let Some(key) = key {
-                        for (dim, value) in self.query.group_by.iter().zip(key) {
-                            object.insert(dim.name().into(), json!(value));
-                        }
-                    }
-                    totals_json(&mut object, totals);
-                    Value::Object(object)
-                };
-                let value = json!({
-                    "from": self.query.from.to_string(),
-                    "to": self.query.to.to_string(),
-                    "group_by": self.query.group_by.iter().map(|d| d.name()).collect::<Vec<_>>(),
-                    "currencies": currencies,
-                    "rows": self.rows.iter().map(|row| json_row(Some(&row.key), &row.totals))
-                        .collect::<Vec<_>>(),
-                    "total": json_row(None, &self.total),
-                });
-                Ok(pretty_json(&value))
-            }
+            Format::Json => Ok(pretty_json(&self.to_json())),
         }
+    }
+
+    /// The report as JSON (what `--format json` prints, and the admin API answers).
+    pub fn to_json(&self) -> Value {
+        let json_row = |key: Option<&[Option<String>]>, totals: &Totals| {
+            let mut object = Map::new();
+            if let Some(key) = key {
+                for (dim, value) in self.query.group_by.iter().zip(key) {
+                    object.insert(dim.name().into(), json!(value));
+                }
+            }
+            totals_json(&mut object, totals);
+            Value::Object(object)
+        };
+        json!({
+            "from": self.query.from.to_string(),
+            "to": self.query.to.to_string(),
+            "group_by": self.query.group_by.iter().map(|d| d.name()).collect::<Vec<_>>(),
+            "currencies": self.currencies(),
+            "rows": self.rows.iter().map(|row| json_row(Some(&row.key), &row.totals))
+                .collect::<Vec<_>>(),
+            "total": json_row(None, &self.total),
+        })
     }
 }
 

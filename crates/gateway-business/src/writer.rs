@@ -289,19 +289,11 @@ impl Shared {
             return;
         };
         let mut costs = self.costs.lock().unwrap_or_else(PoisonError::into_inner);
-        // Looked up by reference first: the keys are cloned only the first time they appear.
-        if !costs.contains_key(&**project) {
-            costs.insert(project.clone(), HashMap::new());
-        }
-        let Some(aliases) = costs.get_mut(&**project) else {
-            return;
-        };
-        if !aliases.contains_key(&**alias) {
-            aliases.insert(alias.clone(), Vec::new());
-        }
-        let Some(currencies) = aliases.get_mut(&**alias) else {
-            return;
-        };
+        let currencies = costs
+            .entry(project.clone())
+            .or_default()
+            .entry(alias.clone())
+            .or_default();
         match currencies
             .iter_mut()
             .find(|(currency, _)| currency == cost.currency())
@@ -713,7 +705,6 @@ async fn flush(
         state.in_flight_oldest = state.pending_oldest.take();
         (group, entries, state.in_flight_oldest)
     };
-    let (records, markers) = spool::count_kinds(&group);
     let mut group = Arc::new(group);
     if let Some(group) = Arc::get_mut(&mut group) {
         spool::seal(group);
@@ -759,6 +750,7 @@ async fn flush(
         };
         bump(&ctx.shared.counters.spool_errors, 1);
         if stop.check() {
+            let (records, markers) = spool::count_kinds(&group);
             let mut state = ctx.shared.lock();
             state.in_flight_bytes = 0;
             state.in_flight_oldest = None;

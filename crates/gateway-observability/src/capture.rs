@@ -175,19 +175,9 @@ impl CapturePolicy {
     /// Redacted, then cut to `max_bytes` on a character boundary; `true` if it was cut.
     fn prepare(&self, text: &str) -> (String, bool) {
         let redacted = self.redactor.redact(text);
-        let cut = floor_char_boundary(&redacted, self.max_bytes);
+        let cut = redacted.floor_char_boundary(self.max_bytes);
         (redacted[..cut].to_owned(), cut < redacted.len())
     }
-}
-
-fn floor_char_boundary(text: &str, max: usize) -> usize {
-    if max >= text.len() {
-        return text.len();
-    }
-    (0..=max)
-        .rev()
-        .find(|&index| text.is_char_boundary(index))
-        .unwrap_or(0)
 }
 
 /// The conversation part of a request body, as the client sent it: OpenAI's `messages`,
@@ -303,7 +293,7 @@ impl ResponseText {
             self.text.push_str(text);
         } else {
             let room = self.max_bytes.saturating_sub(self.text.len());
-            let cut = floor_char_boundary(text, room);
+            let cut = text.floor_char_boundary(room);
             self.text.push_str(&text[..cut]);
             self.cut = true;
         }

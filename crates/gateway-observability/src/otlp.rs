@@ -47,6 +47,16 @@ struct Counters {
     failed: AtomicU64,
 }
 
+impl Counters {
+    fn snapshot(&self) -> ExportStats {
+        ExportStats {
+            exported: self.exported.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// The running trace pipeline: keep it until shutdown, then call [`OtlpTracing::shutdown`].
 #[derive(Debug)]
 pub struct OtlpTracing {
@@ -136,11 +146,7 @@ impl OtlpTracing {
     }
 
     pub fn stats(&self) -> ExportStats {
-        ExportStats {
-            exported: self.counters.exported.load(Ordering::Relaxed),
-            dropped: self.counters.dropped.load(Ordering::Relaxed),
-            failed: self.counters.failed.load(Ordering::Relaxed),
-        }
+        self.counters.snapshot()
     }
 
     /// Exports the spans still queued, waiting at most `limit` (and never longer than one
@@ -158,11 +164,7 @@ impl OtlpTracing {
         }
         // The processor does nothing on shutdown; this only marks the provider shut.
         let _ignored = self.provider.shutdown();
-        let stats = ExportStats {
-            exported: self.counters.exported.load(Ordering::Relaxed),
-            dropped: self.counters.dropped.load(Ordering::Relaxed),
-            failed: self.counters.failed.load(Ordering::Relaxed),
-        };
+        let stats = self.counters.snapshot();
         tracing::info!(
             exported = stats.exported,
             dropped = stats.dropped,

@@ -9,22 +9,6 @@ use gateway_core::{FinishedRequest, RequestId};
 use http::{Method, Request};
 use std::sync::Arc;
 
-/// The paths served, used as `http.route` and in span names. Anything else is named by its
-/// method alone: a client-chosen path must not become a span name (unbounded cardinality, and
-/// it could carry anything).
-const ROUTES: &[&str] = &[
-    "/v1/chat/completions",
-    "/v1/messages",
-    "/v1/embeddings",
-    "/v1/responses",
-    "/v1/images/generations",
-    "/v1/audio/speech",
-    "/v1/audio/transcriptions",
-    "/v1/models",
-    "/healthz",
-    "/readyz",
-];
-
 /// The trace of a request arriving: a root span when tracing is on; otherwise the client's
 /// valid trace context, forwarded upstream as it came.
 pub(crate) fn request_trace<B>(
@@ -40,7 +24,7 @@ pub(crate) fn request_trace<B>(
         };
     };
     let method = known_method(request.method());
-    let route = ROUTES
+    let route = gateway_core::SERVED_PATHS
         .iter()
         .find(|route| **route == request.uri().path())
         .copied();

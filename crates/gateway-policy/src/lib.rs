@@ -20,7 +20,7 @@ mod redis_link;
 pub mod retry;
 pub mod shed;
 
-pub use config::{PolicyConfig, TimeoutConfig};
+pub use config::PolicyConfig;
 pub use redis_link::{RedisLink, RedisUnavailable};
 
 use breaker::Breakers;

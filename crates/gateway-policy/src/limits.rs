@@ -397,8 +397,7 @@ struct Inner {
     replicas: u64,
     on_redis_failure: FailureMode,
     admitted: AtomicU64,
-    rejected: AtomicU64,
-    /// By [`LimitScope`]: project, key, alias.
+    /// Rejections by [`LimitScope`]: project, key, alias (their sum is the total).
     rejected_by_scope: [AtomicU64; 3],
     redis_failures: AtomicU64,
     fail_open_decisions: AtomicU64,
@@ -494,7 +493,6 @@ impl Limiter {
                 replicas: u64::from(config.replicas),
                 on_redis_failure: config.on_redis_failure,
                 admitted: AtomicU64::new(0),
-                rejected: AtomicU64::new(0),
                 rejected_by_scope: Default::default(),
                 redis_failures: AtomicU64::new(0),
                 fail_open_decisions: AtomicU64::new(0),
@@ -613,7 +611,11 @@ impl Limiter {
         let inner = &self.inner;
         LimiterStats {
             admitted: inner.admitted.load(Ordering::Relaxed),
-            rejected: inner.rejected.load(Ordering::Relaxed),
+            rejected: inner
+                .rejected_by_scope
+                .iter()
+                .map(|count| count.load(Ordering::Relaxed))
+                .sum(),
             rejected_project: inner.rejected_by_scope[0].load(Ordering::Relaxed),
             rejected_key: inner.rejected_by_scope[1].load(Ordering::Relaxed),
             rejected_alias: inner.rejected_by_scope[2].load(Ordering::Relaxed),
@@ -626,7 +628,6 @@ impl Limiter {
 
 impl Inner {
     fn count_rejection(&self, scope: LimitScope) {
-        self.rejected.fetch_add(1, Ordering::Relaxed);
         let index = match scope {
             LimitScope::Project => 0,
             LimitScope::Key => 1,
